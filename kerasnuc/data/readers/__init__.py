@@ -1,0 +1,1 @@
+"""One module per dataset format; each exposes ``read(path, **options) -> list[NucleiImage]``."""

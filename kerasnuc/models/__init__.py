@@ -1,0 +1,70 @@
+"""Model families behind one registry.
+
+>>> from kerasnuc import models
+>>> models.available()
+['dcrn', 'densenet', 'mc_unet', 'r2unet', 'segnet', 'udnet', 'unet']
+>>> model = models.build("unet", input_shape=(None, None, 3), filters=16)
+"""
+
+from kerasnuc.models.dcrn import build_dcrn, build_densenet
+from kerasnuc.models.layers import MaxPoolingWithIndices, MaxUnpoolingWithIndices, MCDropout
+from kerasnuc.models.mc_unet import build_mc_unet
+from kerasnuc.models.r2unet import build_r2unet, build_udnet
+from kerasnuc.models.segnet import build_segnet
+from kerasnuc.models.unet import build_unet
+
+# name -> (builder, task, what it is); the task tells training which targets to feed.
+_REGISTRY = {
+    "unet": (build_unet, "segmentation", "U-Net, configurable width and depth"),
+    "segnet": (build_segnet, "segmentation", "SegNet, unpooling by max-pooling indices"),
+    "r2unet": (build_r2unet, "segmentation", "Recurrent residual U-Net (t=2, ~1.0 M params)"),
+    "udnet": (build_udnet, "detection", "R2U-Net regressing Gaussian density maps (t=3)"),
+    "dcrn": (build_dcrn, "classification", "Densely connected recurrent patch classifier"),
+    "densenet": (build_densenet, "classification", "DenseNet patch classifier (DCRN baseline)"),
+    "mc_unet": (build_mc_unet, "segmentation", "Encoder-decoder with Monte-Carlo dropout"),
+}
+
+# Layers that must be known when a .keras file is loaded in safe mode.
+CUSTOM_OBJECTS = {
+    "kerasnuc>MaxPoolingWithIndices": MaxPoolingWithIndices,
+    "kerasnuc>MaxUnpoolingWithIndices": MaxUnpoolingWithIndices,
+    "kerasnuc>MCDropout": MCDropout,
+}
+
+
+def available():
+    """Sorted names of the registered model families."""
+    return sorted(_REGISTRY)
+
+
+def task_of(name):
+    """The task a family is built for: segmentation, detection or classification."""
+    return _entry(name)[1]
+
+
+def describe(name):
+    """One line saying what the family is."""
+    return _entry(name)[2]
+
+
+def build(name, input_shape=None, **config):
+    """Build family ``name``; ``config`` goes to its builder (see each ``build_*``)."""
+    builder = _entry(name)[0]
+    if input_shape is not None:
+        config["input_shape"] = tuple(input_shape)
+    try:
+        return builder(**config)
+    except TypeError as error:
+        raise TypeError(f"model '{name}': {error}") from None
+
+
+def is_stochastic(model):
+    """True if the model samples at inference (has Monte-Carlo dropout layers)."""
+    return any(isinstance(layer, MCDropout) for layer in model.layers)
+
+
+def _entry(name):
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}") from None
