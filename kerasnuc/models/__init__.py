@@ -47,6 +47,14 @@ def describe(name):
     return _entry(name)[2]
 
 
+def default_config(name):
+    """The builder's keyword defaults (the paper configuration), e.g. filters and depth."""
+    import inspect
+
+    signature = inspect.signature(_entry(name)[0])
+    return {k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}
+
+
 def build(name, input_shape=None, **config):
     """Build family ``name``; ``config`` goes to its builder (see each ``build_*``)."""
     builder = _entry(name)[0]

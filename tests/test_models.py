@@ -1,0 +1,130 @@
+"""Every registered model family: shapes, dtypes, save/load, mixed precision, paper sizes, MC dropout."""
+
+import json
+
+import numpy as np
+import pytest
+
+import keras
+
+from kerasnuc import models
+
+SEGMENTATION_LIKE = ["mc_unet", "r2unet", "segnet", "udnet", "unet"]
+CLASSIFIERS = ["dcrn", "densenet"]
+# Small widths keep the shared tests fast; the paper configurations are checked by count.
+SMALL = {"unet": {"filters": 4, "depth": 3}, "segnet": {"filters": 4, "depth": 3},
+         "r2unet": {"filters": 4, "depth": 3}, "udnet": {"filters": 4, "depth": 3},
+         "mc_unet": {"filters": 4, "depth": 3}, "dcrn": {"initial_filters": 8, "layers_per_block": 2},
+         "densenet": {"initial_filters": 8, "layers_per_block": 2}}
+PAPER_PARAMETERS = {"r2unet": 0.98e6, "udnet": 1.04e6, "dcrn": 1.22e6}
+
+
+def test_registry_lists_the_seven_families():
+    assert models.available() == ["dcrn", "densenet", "mc_unet", "r2unet", "segnet", "udnet", "unet"]
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'vnet'.*unet"):
+        models.build("vnet")
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_LIKE)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dense_models_take_any_size_divisible_by_two_to_the_depth(name, channels):
+    model = models.build(name, input_shape=(None, None, channels), **SMALL[name])
+    for height, width in [(32, 48), (64, 40)]:
+        out = model.predict(np.random.rand(2, height, width, channels).astype("float32"), verbose=0)
+        assert out.shape == (2, height, width, 1)
+        assert out.dtype == np.float32
+    if name != "udnet":
+        assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_LIKE)
+def test_indivisible_input_size_is_rejected(name):
+    with pytest.raises(ValueError, match="divisible"):
+        models.build(name, input_shape=(30, 32, 3), **SMALL[name])
+
+
+def test_udnet_has_a_linear_head():
+    model = models.build("udnet", **SMALL["udnet"])
+    assert model.get_layer("output").get_config()["activation"] == "linear"
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_classifiers_output_class_probabilities(name, channels):
+    model = models.build(name, input_shape=(32, 32, channels), **SMALL[name])
+    out = model.predict(np.random.rand(3, 32, 32, channels).astype("float32"), verbose=0)
+    assert out.shape == (3, 4) and out.dtype == np.float32
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_save_load_round_trip_in_safe_mode(name, tmp_path):
+    shape = (32, 32, 3)
+    model = models.build(name, input_shape=(None, None, 3) if name not in CLASSIFIERS else shape,
+                         **SMALL[name])
+    x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    as_json = lambda m: json.dumps(m.get_config(), sort_keys=True, default=str)  # noqa: E731
+    assert json.loads(as_json(loaded)) == json.loads(as_json(model))
+    if models.is_stochastic(model):
+        # Same weights: with dropout rate forced to 0 both must agree exactly.
+        for layer in (model, loaded):
+            for sub in layer.layers:
+                if isinstance(sub, models.MCDropout):
+                    sub.rate = 0.0
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_mixed_precision_build_emits_float32(name):
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        shape = (32, 32, 3) if name in CLASSIFIERS else (None, None, 3)
+        model = models.build(name, input_shape=shape, **SMALL[name])
+        assert model.layers[1].compute_dtype == "float16" or any(
+            layer.compute_dtype == "float16" for layer in model.layers)
+        out = model.predict(np.random.rand(1, 32, 32, 3).astype("float32"), verbose=0)
+        assert out.dtype == np.float32
+        assert model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("name,expected", sorted(PAPER_PARAMETERS.items()))
+def test_paper_configurations_have_the_published_size(name, expected):
+    count = models.build(name).count_params()
+    assert abs(count - expected) / expected <= 0.10, f"{name}: {count:,} parameters vs {expected:,.0f}"
+
+
+def test_mc_model_samples_while_deterministic_models_repeat():
+    x = np.random.default_rng(1).random((1, 32, 32, 3), dtype=np.float32)
+    mc = models.build("mc_unet", **SMALL["mc_unet"])
+    assert models.is_stochastic(mc)
+    assert not np.allclose(mc.predict(x, verbose=0), mc.predict(x, verbose=0))
+    unet = models.build("unet", **SMALL["unet"])
+    assert not models.is_stochastic(unet)
+    np.testing.assert_array_equal(unet.predict(x, verbose=0), unet.predict(x, verbose=0))
+
+
+def test_mc_dropout_leaves_batchnorm_statistics_alone():
+    mc = models.build("mc_unet", **SMALL["mc_unet"])
+    bn = next(layer for layer in mc.layers if isinstance(layer, keras.layers.BatchNormalization))
+    before = keras.ops.convert_to_numpy(bn.moving_mean).copy()
+    mc.predict(np.random.rand(4, 32, 32, 3).astype("float32") * 10, verbose=0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn.moving_mean), before)
+
+
+def test_segnet_unpools_by_the_pooling_indices():
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 1, 0, 0], x[0, 0, 3, 0], x[0, 3, 3, 0], x[0, 2, 1, 0] = 5, 7, 9, 3
+    pooled, indices = models.MaxPoolingWithIndices()(x)
+    restored = keras.ops.convert_to_numpy(models.MaxUnpoolingWithIndices()([pooled, indices]))
+    np.testing.assert_array_equal(restored, x)
+    segnet = models.build("segnet", **SMALL["segnet"])
+    assert any(isinstance(layer, models.MaxUnpoolingWithIndices) for layer in segnet.layers)
+    assert not any(isinstance(layer, keras.layers.UpSampling2D) for layer in segnet.layers)

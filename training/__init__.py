@@ -1,0 +1,1 @@
+"""Training entry points: ``python -m training.fit`` (train and evaluate a run)."""

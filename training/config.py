@@ -1,0 +1,133 @@
+"""Run configuration: every default explicit, written as ``config.json`` into each run.
+
+Precedence: built-in defaults < ``--config FILE`` (JSON) < command-line flags.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+TASKS = ("segmentation", "detection", "classification")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass
+class FitConfig:
+    """What ``python -m training.fit`` does; the defaults are the quick start."""
+
+    task: str = "segmentation"
+    """segmentation, detection or classification."""
+    model: str = "unet"
+    """A name from ``kerasnuc.models.available()``."""
+    model_config: dict = field(default_factory=dict)
+    """Keyword arguments for the model builder (filters, depth, steps, dropout...); empty: the paper defaults."""
+    data: str = "sample"
+    """Dataset spec: 'sample' (shipped DSB 2018 subset) or FORMAT:PATH."""
+    channels: int = 3
+    """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
+    epochs: int = 40
+    batch_size: int = 8
+    tile: int = 128
+    """Side of the square training crops; must be divisible by 2**depth."""
+    steps_per_epoch: int = 0
+    """Batches per epoch; 0 means enough to cover the training pixels once."""
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    """adam, adamw or sgd (momentum 0.9)."""
+    weight_decay: float = 0.0
+    loss: str = "bce_dice"
+    """bce, dice, bce_dice, focal (segmentation)."""
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    seed: int = 0
+    precision: str = "auto"
+    """auto: mixed_float16 on a GPU, float32 on a CPU (mixed is slower there)."""
+    augment: dict = field(default_factory=lambda: {"flip": True, "rotate90": True,
+                                                   "brightness": 0.1, "contrast": 0.1})
+    """Options for kerasnuc.data.augment.Augmenter."""
+    postprocess: dict = field(default_factory=lambda: {"threshold": 0.5, "min_distance": 3,
+                                                       "min_area": 10})
+    """Starting post-processing parameters; tuned on the validation split."""
+    tune_postprocess: bool = True
+    mc_samples: int = 10
+    """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
+    workers: int = 1
+    out: str = ""
+    """Run directory; empty means runs/<model>-<timestamp>."""
+
+    def validate(self):
+        from kerasnuc import models
+
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got '{self.task}'")
+        if self.model not in models.available():
+            raise ValueError(f"unknown model '{self.model}'; available: {', '.join(models.available())}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("epochs", "batch_size", "tile"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        depth = self.model_config.get("depth", models.default_config(self.model).get("depth"))
+        if self.task != "classification" and depth and self.tile % 2 ** depth:
+            raise ValueError(f"tile {self.tile} must be divisible by 2**depth = {2 ** depth}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def field_help():
+    """Attribute docstrings, used as argparse help (one source of truth)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(FitConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(getattr(following, "value", None), ast.Constant):
+            docs[node.target.id] = following.value.value
+    return docs
+
+
+def load_config_file(path):
+    """Read a JSON config; unknown keys are an error naming the file and the key."""
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a JSON object")
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(data) - known - {"_comment"})
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
+    data.pop("_comment", None)
+    return data
+
+
+def resolve(file_values=None, overrides=None):
+    """Defaults, then file values, then explicit overrides (None means 'not given')."""
+    values = FitConfig().to_dict()
+    for source in (file_values or {}, overrides or {}):
+        for key, value in source.items():
+            if value is None:
+                continue
+            if isinstance(values.get(key), dict) and isinstance(value, dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+    return FitConfig(**values).validate()
+
+
+def default_run_dir(config):
+    import time
+
+    return os.path.join("runs", f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")

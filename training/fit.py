@@ -1,0 +1,116 @@
+"""Train a model and write a self-describing run directory.
+
+    python -m training.fit                      # quick start: small U-Net on the shipped sample
+    python -m training.fit --config configs/r2unet_dsb2018.json --epochs 5
+
+The run folder holds config.json (resolved), split.json, model.keras, history.csv,
+curves.png, thresholds.json, metrics.json and overlay.png.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser():
+    from training.config import PRECISIONS, TASKS, field_help
+
+    docs = field_help()
+    parser = argparse.ArgumentParser(
+        prog="python -m training.fit", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON config file; flags given here override its values")
+    parser.add_argument("--task", choices=TASKS, help=docs["task"])
+    parser.add_argument("--model", help=docs["model"])
+    parser.add_argument("--model-config", type=json.loads, dest="model_config", metavar="JSON",
+                        help=docs["model_config"] + ' Example: \'{"filters": 32, "depth": 3}\'')
+    parser.add_argument("--data", help=docs["data"] + " e.g. dsb2018:../shared/data/dsb2018/stage1_train")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help=docs["channels"])
+    parser.add_argument("--epochs", type=int, help="Training epochs.")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="Crops per batch.")
+    parser.add_argument("--tile", type=int, help=docs["tile"])
+    parser.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch", help=docs["steps_per_epoch"])
+    parser.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="Initial learning rate.")
+    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=docs["optimizer"])
+    parser.add_argument("--weight-decay", type=float, dest="weight_decay", help="Weight decay (0: none).")
+    parser.add_argument("--loss", help=docs["loss"])
+    parser.add_argument("--val-fraction", type=float, dest="val_fraction", help="Share of images for validation.")
+    parser.add_argument("--test-fraction", type=float, dest="test_fraction", help="Share of images held out for testing.")
+    parser.add_argument("--seed", type=int, help="Seed for the split, the crops, augmentation and initialisation.")
+    parser.add_argument("--precision", choices=PRECISIONS, help=docs["precision"])
+    parser.add_argument("--mc-samples", type=int, dest="mc_samples", help=docs["mc_samples"])
+    parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
+    parser.add_argument("--out", help=docs["out"])
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from training.config import default_run_dir, load_config_file, resolve
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite")}
+    try:
+        config = resolve(load_config_file(args.config) if args.config else None, overrides)
+    except (ValueError, TypeError) as error:
+        sys.exit(f"training.fit: {error}")
+    return run(config, overwrite=args.overwrite)
+
+
+def run(config, overwrite=False, log=None):
+    """Run one training job from a resolved FitConfig; returns the run directory path."""
+    log = log or (lambda message: print(message, flush=True))
+    import keras
+
+    from kerasnuc import __version__
+    from kerasnuc.data import load_dataset
+    from kerasnuc.data.imageio import DataError
+    from kerasnuc.data.splits import train_val_test_split
+    from training.precision import apply_precision
+    from training.rundir import RunDirectory
+
+    started = time.time()
+    config.out = config.out or default_run_dir(config)
+    run_dir = RunDirectory(config.out, overwrite=overwrite)
+    policy = apply_precision(config.precision)
+    keras.utils.set_random_seed(config.seed)
+    log(f"kerasnuc {__version__}, Keras {keras.__version__} ({keras.backend.backend()}), precision {policy}")
+    try:
+        records = load_dataset(config.data)
+    except DataError as error:
+        sys.exit(f"training.fit: {error}")
+    split = train_val_test_split([r.name for r in records], config.val_fraction, config.test_fraction,
+                                 seed=config.seed)
+    log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
+        f"{len(split['val'])} val, {len(split['test'])} test")
+    resolved = {**config.to_dict(), "precision_used": policy, "kerasnuc_version": __version__,
+                "keras_version": keras.__version__, "backend": keras.backend.backend(),
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    run_dir.write_json("config.json", resolved)
+    run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", **split})
+
+    task = _task_module(config.task)
+    summary = task.run_task(config, run_dir, records, split, log)
+    path = run_dir.finish()
+    log(f"done in {time.time() - started:.0f}s; wrote {path}/: {', '.join(sorted(set(run_dir.written)))}")
+    log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
+                                if k in ("dice", "aji", "pq", "f1", "object_f1", "accuracy")))
+    return path
+
+
+def _task_module(task):
+    import importlib
+
+    if task != "segmentation":
+        sys.exit(f"training.fit: task '{task}' is not available yet in this version; "
+                 "use --task segmentation")
+    return importlib.import_module(f"training.{task}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Self-describing run directories, written so that a crash never leaves a run that looks complete.
+
+Everything goes to ``<run>.incomplete/`` and the folder is renamed to ``<run>`` only
+when the run has finished; JSON files are written through a temporary file.
+"""
+
+import json
+import os
+import shutil
+
+
+class RunDirectory:
+    """A run folder under construction; ``finish()`` publishes it."""
+
+    def __init__(self, path, overwrite=False):
+        self.final_path = os.path.abspath(path)
+        if os.path.exists(self.final_path) and not overwrite:
+            raise FileExistsError(f"{self.final_path}: run directory exists; choose another --out "
+                                  "or pass --overwrite")
+        self.path = self.final_path + ".incomplete"
+        if os.path.exists(self.path):
+            shutil.rmtree(self.path)
+        os.makedirs(self.path)
+        self.written = []
+
+    def file(self, name):
+        """Path of ``name`` inside the run (recorded for the closing summary)."""
+        self.written.append(name)
+        return os.path.join(self.path, name)
+
+    def write_json(self, name, data):
+        write_json_atomic(self.file(name), data)
+
+    def finish(self):
+        if os.path.exists(self.final_path):
+            shutil.rmtree(self.final_path)
+        os.replace(self.path, self.final_path)
+        return self.final_path
+
+
+def write_json_atomic(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_json(path):
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,131 @@
+"""The segmentation task: train on crops, tune post-processing on validation images,
+score instances on held-out images."""
+
+import itertools
+import time
+
+import keras
+import numpy as np
+
+from kerasnuc import metrics, models
+from kerasnuc.data.augment import Augmenter
+from kerasnuc.data.pipeline import SegmentationDataset
+from kerasnuc.inference import predict_maps
+from kerasnuc.losses import get_loss
+from kerasnuc.postprocess import instances_from_probability
+from training import plots
+from training.callbacks import EpochProgress
+from training.optimizers import make_optimizer
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_DISTANCES = (2, 3, 5, 8)
+
+
+def build_model(config):
+    model_config = dict(config.model_config)
+    model = models.build(config.model, input_shape=(None, None, config.channels), **model_config)
+    model.compile(optimizer=make_optimizer(config), loss=get_loss(config.loss),
+                  metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
+    return model
+
+
+def train(config, run, train_records, val_records, log):
+    """Fit the model; the best epoch by validation loss is saved as model.keras."""
+    depth = config.model_config.get("depth", models.default_config(config.model).get("depth", 0))
+    model = build_model(config)
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}")
+    augmenter = Augmenter(**config.augment) if config.augment else None
+    train_data = SegmentationDataset(train_records, tile=config.tile, batch_size=config.batch_size,
+                                     steps=config.steps_per_epoch or None, channels=config.channels,
+                                     augmenter=augmenter, seed=config.seed, workers=config.workers)
+    val_data = SegmentationDataset(val_records, tile=config.tile, batch_size=config.batch_size,
+                                   channels=config.channels, seed=config.seed + 1)
+    log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
+        f"{config.epochs} epochs")
+    callbacks = [
+        keras.callbacks.CSVLogger(run.file("history.csv")),
+        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor="val_loss", save_best_only=True),
+        EpochProgress(config.epochs, log),
+    ]
+    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
+                        callbacks=callbacks, verbose=0)
+    return history.history, depth
+
+
+def predict_probabilities(model, records, config, depth):
+    """Foreground probability (H, W) per image; MC models average ``mc_samples`` passes."""
+    passes = config.mc_samples if models.is_stochastic(model) else 1
+    maps = []
+    for record in records:
+        samples = [predict_maps(model, record.image, config.channels, 2 ** depth)[..., 0]
+                   for _ in range(passes)]
+        maps.append(np.mean(samples, axis=0))
+    return maps
+
+
+def tune_postprocess(probabilities, records, defaults, log):
+    """Grid-search threshold and marker distance for the best mean AJI on validation images."""
+    best, best_score = dict(defaults), -1.0
+    for threshold, min_distance in itertools.product(THRESHOLDS, MIN_DISTANCES):
+        params = {**defaults, "threshold": threshold, "min_distance": min_distance}
+        score = np.mean([metrics.aggregated_jaccard_index(r.labels, instances_from_probability(p, **params))
+                         for p, r in zip(probabilities, records)])
+        if score > best_score:
+            best, best_score = params, float(score)
+    log(f"post-processing tuned on {len(records)} validation images: {best} (AJI {best_score:.3f})")
+    return best, best_score
+
+
+def evaluate(probabilities, records, params):
+    """Per-image and mean metrics of the instances against the truth."""
+    per_image, instances = [], []
+    for probability, record in zip(probabilities, records):
+        predicted = instances_from_probability(probability, **params)
+        instances.append(predicted)
+        report = metrics.segmentation_report(record.labels, predicted)
+        per_image.append({"name": record.name, **report})
+    keys = [k for k, v in per_image[0].items() if isinstance(v, (int, float)) and k != "name"]
+    summary = {k: float(np.mean([row[k] for row in per_image])) for k in keys}
+    pooled_true = np.concatenate([r.labels.ravel() > 0 for r in records])
+    pooled_pred = np.concatenate([p.ravel() >= params["threshold"] for p in probabilities])
+    summary["dice_pooled"] = float(metrics.pixel_dice(pooled_true, pooled_pred))
+    return summary, per_image, instances
+
+
+def run_task(config, run, records, split, log):
+    """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
+    metrics.json and overlay.png into ``run``."""
+    by_name = {r.name: r for r in records}
+    train_records = [by_name[n] for n in split["train"]]
+    val_records = [by_name[n] for n in split["val"]]
+    test_records = [by_name[n] for n in split["test"]]
+    started = time.time()
+    history, depth = train(config, run, train_records, val_records, log)
+    train_seconds = time.time() - started
+    plots.plot_history(history, run.file("curves.png"))
+    model = keras.models.load_model(run.file("model.keras"))
+
+    params = dict(config.postprocess)
+    val_score = None
+    if config.tune_postprocess and val_records:
+        val_probabilities = predict_probabilities(model, val_records, config, depth)
+        params, val_score = tune_postprocess(val_probabilities, val_records, params, log)
+    run.write_json("thresholds.json", {"postprocess": params, "validation_aji": val_score,
+                                       "tuned_on": "val" if val_score is not None else None})
+
+    test_probabilities = predict_probabilities(model, test_records, config, depth)
+    summary, per_image, instances = evaluate(test_probabilities, test_records, params)
+    run.write_json("metrics.json", {
+        "split": "test", "images": len(test_records), "mean": summary, "per_image": per_image,
+        "postprocess": params, "epochs": len(history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1),
+        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
+    })
+    order = np.argsort([row["aji"] for row in per_image])
+    picks = [order[-1], order[len(order) // 2], order[0]][: len(order)]
+    panels = [plots.overlay(test_records[i].image, test_records[i].labels, instances[i]) for i in picks]
+    titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in picks]
+    plots.save_overlays(panels, run.file("overlay.png"), titles)
+    log(f"test ({len(test_records)} images): Dice {summary['dice']:.3f}, AJI {summary['aji']:.3f}, "
+        f"PQ {summary.get('pq', float('nan')):.3f}")
+    return summary
