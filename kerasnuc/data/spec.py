@@ -14,7 +14,14 @@ SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
 # format name -> (reader module, what it reads)
 FORMATS = {
     "folder": ("kerasnuc.data.readers.labelled_folder", "images/ + labels/ with matching file names"),
-    "dsb2018": ("kerasnuc.data.readers.labelled_folder", "DSB 2018 as images/ + uint16 labels/"),
+    "dsb2018": ("kerasnuc.data.readers.dsb2018",
+                "DSB 2018: Kaggle <id>/images + <id>/masks folders, images/ + labels/, or an RLE .csv"),
+    "monuseg": ("kerasnuc.data.readers.monuseg",
+                "MoNuSeg: H&E tiles + Aperio XML (.xml/.xml.gz) outlines, or images/ + labels/ [+ annotations/]"),
+    "crchisto": ("kerasnuc.data.readers.crchisto",
+                 "CRCHistoPhenotypes: Detection/ + Classification/ .mat points, or images/ + annotations/"),
+    "pannuke": ("kerasnuc.data.readers.pannuke",
+                "PanNuke folds: images.npy, masks.npy (5 class instance maps), types.npy"),
 }
 
 
