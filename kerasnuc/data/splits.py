@@ -1,6 +1,20 @@
-"""Reproducible splits grouped by source image (crops of one image never straddle two sides)."""
+"""Reproducible splits of image names, grouped so crops of one source never straddle two sides.
+
+A split is ``{"train": [...], "val": [...], "test": [...]}`` of sorted names;
+:func:`kfold_splits` gives k of them whose test sides partition the names. Splits are
+stored as JSON (:func:`save_split`, :func:`load_split`) in a run's folder so evaluation
+and later runs use exactly the same images.
+"""
+
+import json
+import os
+import tempfile
 
 import numpy as np
+
+__all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "SIDES"]
+
+SIDES = ("train", "val", "test")
 
 
 def train_val_test_split(names, val_fraction=0.15, test_fraction=0.15, seed=0):
@@ -9,8 +23,9 @@ def train_val_test_split(names, val_fraction=0.15, test_fraction=0.15, seed=0):
     At least one image goes to each non-empty fraction when there are 3 or more images.
     """
     names = sorted(names)
-    if len(names) < 3:
-        raise ValueError(f"need at least 3 images to split into train/val/test, got {len(names)}")
+    needed = 1 + (val_fraction > 0) + (test_fraction > 0)
+    if len(names) < needed:
+        raise ValueError(f"need at least {needed} images to split into train/val/test, got {len(names)}")
     order = np.random.default_rng(seed).permutation(len(names))
     n_test = max(1, int(round(test_fraction * len(names)))) if test_fraction > 0 else 0
     n_val = max(1, int(round(val_fraction * len(names)))) if val_fraction > 0 else 0
@@ -20,3 +35,115 @@ def train_val_test_split(names, val_fraction=0.15, test_fraction=0.15, seed=0):
     if not train:
         raise ValueError("no images left for training after the validation and test split")
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def _group_of(names, groups):
+    """name -> group key, from None (each name alone), a dict, a function or a parallel sequence."""
+    if groups is None:
+        return {n: n for n in names}
+    if callable(groups):
+        return {n: groups(n) for n in names}
+    if isinstance(groups, dict):
+        missing = [n for n in names if n not in groups]
+        if missing:
+            raise ValueError(f"groups has no entry for {len(missing)} names, e.g. {missing[:3]}")
+        return {n: groups[n] for n in names}
+    groups = list(groups)
+    if len(groups) != len(names):
+        raise ValueError(f"groups has {len(groups)} entries for {len(names)} names")
+    return dict(zip(names, groups))
+
+
+def kfold_splits(names, k=5, seed=0, val_fraction=0.1, groups=None):
+    """k train/val/test splits whose test sides partition ``names`` (k-fold cross-validation).
+
+    ``groups`` (a dict name -> key, a function of the name, or a sequence parallel to
+    ``names``; None: every name is its own group) keeps all names of one group (source
+    image, patient, slide) on one side of every split. Groups are shuffled with ``seed``
+    and dealt to the fold with the fewest names so far, so folds have similar sizes. In
+    each split, about ``val_fraction`` of all names (whole groups, at least one group when
+    > 0) is drawn from the non-test groups for validation; the rest train.
+    Returns a list of k dicts of sorted name lists.
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError("names must be unique")
+    key = _group_of(names, groups)
+    members = {}
+    for name in sorted(names):
+        members.setdefault(key[name], []).append(name)
+    group_keys = sorted(members, key=repr)
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2, got {k}")
+    if len(group_keys) < k:
+        raise ValueError(f"cannot make {k} folds from {len(group_keys)} groups")
+    rng = np.random.default_rng(seed)
+    order = [group_keys[i] for i in rng.permutation(len(group_keys))]
+    # Large groups first (stable, so ties keep the random order), each to the smallest fold.
+    order.sort(key=lambda g: -len(members[g]))
+    folds, sizes = [[] for _ in range(k)], np.zeros(k, dtype=int)
+    for group in order:
+        target = int(np.argmin(sizes))
+        folds[target].append(group)
+        sizes[target] += len(members[group])
+    splits = []
+    for i in range(k):
+        rest = [g for j in range(k) if j != i for g in folds[j]]
+        rest = [rest[r] for r in rng.permutation(len(rest))]
+        val, count = [], 0
+        if val_fraction > 0 and len(rest) > 1:
+            wanted = val_fraction * len(names)
+            for group in rest[:-1]:  # always leave a group to train on
+                if val and count + len(members[group]) / 2 > wanted:
+                    break
+                val.append(group)
+                count += len(members[group])
+        train = [g for g in rest if g not in val]
+        splits.append({side: sorted(n for g in chosen for n in members[g])
+                       for side, chosen in (("train", train), ("val", val), ("test", folds[i]))})
+    return splits
+
+
+def _check_split(split, where):
+    if not isinstance(split, dict) or set(split) - set(SIDES) or "train" not in split:
+        raise ValueError(f"{where}: a split must be a dict with 'train' (and 'val', 'test') name lists")
+    seen = {}
+    for side, side_names in split.items():
+        if not isinstance(side_names, list) or not all(isinstance(n, str) for n in side_names):
+            raise ValueError(f"{where}: '{side}' must be a list of names")
+        for name in side_names:
+            if name in seen:
+                raise ValueError(f"{where}: '{name}' is in both '{seen[name]}' and '{side}'")
+            seen[name] = side
+
+
+def save_split(path, split):
+    """Write a split (or a list of k-fold splits) as JSON, atomically (temp file + rename)."""
+    path = os.fspath(path)
+    for i, one in enumerate(split if isinstance(split, list) else [split]):
+        _check_split(one, f"split {i}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(split, file, indent=1, sort_keys=True)
+            file.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_split(path):
+    """Read a split (dict) or a list of splits written by :func:`save_split`; checks no name is on two sides."""
+    path = os.fspath(path)
+    with open(path) as file:
+        try:
+            split = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not a JSON split file ({error})") from None
+    for i, one in enumerate(split if isinstance(split, list) else [split]):
+        _check_split(one, f"{path} (split {i})")
+    return split
