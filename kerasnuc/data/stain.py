@@ -195,6 +195,7 @@ class StainNormalizer:
         for name, value in stats.items():
             if not np.all(np.isfinite(value)):
                 raise StainEstimationError(f"{self.method}: template statistic {name} is not finite")
+        for name, value in stats.items():
             setattr(self, name, np.asarray(value, dtype=np.float64))
         return self
 

@@ -1,0 +1,33 @@
+"""Post-processing: model maps -> nuclei.
+
+* :mod:`.instances`: probability (or background/inside/boundary softmax) -> labelled
+  instances by marker-controlled watershed.
+* :mod:`.peaks`: density / proximity maps -> (x, y) nucleus centres.
+* :mod:`.tta`: dihedral test-time augmentation of maps and majority merging of instances.
+* :mod:`.ensemble`: pixel-wise mask logic ("a | (b & c)"), majority vote, mean probability.
+"""
+
+from kerasnuc.postprocess.ensemble import ensemble_masks, majority_vote, mean_probability
+from kerasnuc.postprocess.instances import instances_from_probability, remove_small_instances
+from kerasnuc.postprocess.peaks import centroids_from_density
+from kerasnuc.postprocess.tta import (
+    DIHEDRAL,
+    dihedral_transform,
+    inverse_dihedral,
+    merge_instances_by_vote,
+    predict_tta,
+)
+
+__all__ = [
+    "DIHEDRAL",
+    "centroids_from_density",
+    "dihedral_transform",
+    "ensemble_masks",
+    "instances_from_probability",
+    "inverse_dihedral",
+    "majority_vote",
+    "mean_probability",
+    "merge_instances_by_vote",
+    "predict_tta",
+    "remove_small_instances",
+]
