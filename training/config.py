@@ -24,6 +24,8 @@ class FitConfig:
     """Keyword arguments for the model builder (filters, depth, steps, dropout...); empty: the paper defaults."""
     data: str = "sample"
     """Dataset spec: 'sample' (shipped DSB 2018 subset) or FORMAT:PATH."""
+    test_data: str = ""
+    """Optional dataset spec scored as the held-out test set (then 'data' is split into train/val only)."""
     channels: int = 3
     """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
     epochs: int = 40

@@ -30,6 +30,7 @@ def build_parser():
     parser.add_argument("--model-config", type=json.loads, dest="model_config", metavar="JSON",
                         help=docs["model_config"] + ' Example: \'{"filters": 32, "depth": 3}\'')
     parser.add_argument("--data", help=docs["data"] + " e.g. dsb2018:../shared/data/dsb2018/stage1_train")
+    parser.add_argument("--test-data", dest="test_data", help=docs["test_data"])
     parser.add_argument("--channels", type=int, choices=(1, 3), help=docs["channels"])
     parser.add_argument("--epochs", type=int, help="Training epochs.")
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="Crops per batch.")
@@ -71,21 +72,28 @@ def run(config, overwrite=False, log=None):
     from kerasnuc.data import load_dataset
     from kerasnuc.data.imageio import DataError
     from kerasnuc.data.splits import train_val_test_split
+    from training.config import default_run_dir
     from training.precision import apply_precision
     from training.rundir import RunDirectory
 
     started = time.time()
-    config.out = config.out or default_run_dir(config)
-    run_dir = RunDirectory(config.out, overwrite=overwrite)
     policy = apply_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
     log(f"kerasnuc {__version__}, Keras {keras.__version__} ({keras.backend.backend()}), precision {policy}")
     try:
         records = load_dataset(config.data)
+        test_records = load_dataset(config.test_data) if config.test_data else []
     except DataError as error:
         sys.exit(f"training.fit: {error}")
-    split = train_val_test_split([r.name for r in records], config.val_fraction, config.test_fraction,
-                                 seed=config.seed)
+    split = train_val_test_split([r.name for r in records], config.val_fraction,
+                                 0.0 if test_records else config.test_fraction, seed=config.seed)
+    if test_records:
+        split["test"] = [f"test:{r.name}" for r in test_records]
+        for r in test_records:
+            r.name = f"test:{r.name}"
+        records = records + test_records
+    config.out = config.out or default_run_dir(config)
+    run_dir = RunDirectory(config.out, overwrite=overwrite)
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
         f"{len(split['val'])} val, {len(split['test'])} test")
     resolved = {**config.to_dict(), "precision_used": policy, "kerasnuc_version": __version__,
@@ -95,7 +103,11 @@ def run(config, overwrite=False, log=None):
     run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", **split})
 
     task = _task_module(config.task)
-    summary = task.run_task(config, run_dir, records, split, log)
+    try:
+        summary = task.run_task(config, run_dir, records, split, log)
+    except BaseException:
+        log(f"training.fit: run failed; partial results kept in {run_dir.path} (never used as a run)")
+        raise
     path = run_dir.finish()
     log(f"done in {time.time() - started:.0f}s; wrote {path}/: {', '.join(sorted(set(run_dir.written)))}")
     log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
