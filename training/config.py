@@ -52,6 +52,16 @@ class FitConfig:
                                                        "min_area": 10})
     """Starting post-processing parameters; tuned on the validation split."""
     tune_postprocess: bool = True
+    density_sigma: float = 2.0
+    """Detection: sigma (pixels) of the Gaussian put on every nucleus centre."""
+    match_radius: float = 6.0
+    """Detection/classification: a predicted centre matches a true one within this many pixels."""
+    patch: int = 32
+    """Classification: side of the square patch centred on each nucleus."""
+    folds: int = 0
+    """k-fold cross-validation: 0 for one train/val/test split, K >= 2 for K folds (mean +- std)."""
+    stain: dict = field(default_factory=dict)
+    """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"}; empty: none."""
     mc_samples: int = 10
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
     workers: int = 1

@@ -118,10 +118,12 @@ def run(config, overwrite=False, log=None):
 def _task_module(task):
     import importlib
 
-    if task != "segmentation":
-        sys.exit(f"training.fit: task '{task}' is not available yet in this version; "
-                 "use --task segmentation")
-    return importlib.import_module(f"training.{task}")
+    try:
+        return importlib.import_module(f"training.{task}")
+    except ModuleNotFoundError as error:
+        if error.name != f"training.{task}":
+            raise
+        sys.exit(f"training.fit: task '{task}' is not available in this version")
 
 
 if __name__ == "__main__":
