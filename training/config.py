@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+# Written into a run's config.json beside the settings; ignored when the file is read back.
+PROVENANCE_KEYS = ("_comment", "precision_used", "kerasnuc_version", "keras_version", "backend", "machine")
 TASKS = ("segmentation", "detection", "classification")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
@@ -118,11 +120,10 @@ def load_config_file(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a JSON object")
     known = {f.name for f in dataclasses.fields(FitConfig)}
-    unknown = sorted(set(data) - known - {"_comment"})
+    unknown = sorted(set(data) - known - set(PROVENANCE_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
-    data.pop("_comment", None)
-    return data
+    return {k: v for k, v in data.items() if k in known}
 
 
 def resolve(file_values=None, overrides=None):

@@ -45,6 +45,11 @@ def build_parser():
     parser.add_argument("--seed", type=int, help="Seed for the split, the crops, augmentation and initialisation.")
     parser.add_argument("--precision", choices=PRECISIONS, help=docs["precision"])
     parser.add_argument("--mc-samples", type=int, dest="mc_samples", help=docs["mc_samples"])
+    parser.add_argument("--folds", type=int, help=docs["folds"])
+    parser.add_argument("--stain", type=json.loads, metavar="JSON", help=docs["stain"])
+    parser.add_argument("--density-sigma", type=float, dest="density_sigma", help=docs["density_sigma"])
+    parser.add_argument("--match-radius", type=float, dest="match_radius", help=docs["match_radius"])
+    parser.add_argument("--patch", type=int, help=docs["patch"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
     parser.add_argument("--out", help=docs["out"])
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
@@ -71,7 +76,7 @@ def run(config, overwrite=False, log=None):
     from kerasnuc import __version__
     from kerasnuc.data import load_dataset
     from kerasnuc.data.imageio import DataError
-    from kerasnuc.data.splits import train_val_test_split
+    from kerasnuc.data.splits import kfold_splits, train_val_test_split
     from training.config import default_run_dir
     from training.precision import apply_precision
     from training.rundir import RunDirectory
@@ -85,13 +90,22 @@ def run(config, overwrite=False, log=None):
         test_records = load_dataset(config.test_data) if config.test_data else []
     except DataError as error:
         sys.exit(f"training.fit: {error}")
-    split = train_val_test_split([r.name for r in records], config.val_fraction,
-                                 0.0 if test_records else config.test_fraction, seed=config.seed)
+    if config.stain:
+        records, test_records, stain_params = _normalise_stains(config, records, test_records, log)
+    names = [r.name for r in records]
+    if config.folds >= 2:
+        if test_records:
+            sys.exit("training.fit: --folds and --test-data exclude each other (folds test on their own held-out part)")
+        splits = kfold_splits(names, config.folds, seed=config.seed, val_fraction=config.val_fraction)
+    else:
+        splits = [train_val_test_split(names, config.val_fraction,
+                                       0.0 if test_records else config.test_fraction, seed=config.seed)]
     if test_records:
-        split["test"] = [f"test:{r.name}" for r in test_records]
+        splits[0]["test"] = [f"test:{r.name}" for r in test_records]
         for r in test_records:
             r.name = f"test:{r.name}"
         records = records + test_records
+    split = splits[0]
     config.out = config.out or default_run_dir(config)
     run_dir = RunDirectory(config.out, overwrite=overwrite)
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
@@ -100,11 +114,19 @@ def run(config, overwrite=False, log=None):
                 "keras_version": keras.__version__, "backend": keras.backend.backend(),
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     run_dir.write_json("config.json", resolved)
-    run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", **split})
+    if len(splits) > 1:
+        run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", "folds": splits})
+    else:
+        run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", **split})
+    if config.stain:
+        run_dir.write_json("stain.json", stain_params)
 
     task = _task_module(config.task)
     try:
-        summary = task.run_task(config, run_dir, records, split, log)
+        if len(splits) == 1:
+            summary = task.run_task(config, run_dir, records, split, log)
+        else:
+            summary = _cross_validate(task, config, run_dir, records, splits, log)
     except BaseException:
         log(f"training.fit: run failed; partial results kept in {run_dir.path} (never used as a run)")
         raise
@@ -113,6 +135,45 @@ def run(config, overwrite=False, log=None):
     log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
                                 if k in ("dice", "aji", "pq", "f1", "object_f1", "accuracy")))
     return path
+
+
+def _cross_validate(task, config, run_dir, records, splits, log):
+    """Run the task once per fold into fold<i>/ and write mean +- std to metrics.json."""
+    import numpy as np
+
+    summaries = []
+    for index, split in enumerate(splits, start=1):
+        log(f"== fold {index}/{len(splits)}: {len(split['train'])} train, {len(split['val'])} val, "
+            f"{len(split['test'])} test images")
+        fold = run_dir.subfolder(f"fold{index}")
+        fold.write_json("split.json", split)
+        summaries.append(task.run_task(config, fold, records, split, log))
+    keys = [k for k in summaries[0] if all(isinstance(s.get(k), (int, float)) for s in summaries)]
+    mean = {k: float(np.mean([s[k] for s in summaries])) for k in keys}
+    std = {k: float(np.std([s[k] for s in summaries], ddof=1)) for k in keys}
+    run_dir.write_json("metrics.json", {"folds": len(splits), "mean": mean, "std": std,
+                                        "per_fold": summaries})
+    log("cross-validation: " + ", ".join(f"{k} {mean[k]:.3f} +- {std[k]:.3f}" for k in keys
+                                         if k in ("dice", "aji", "pq", "f1", "accuracy", "macro_f1")))
+    return mean
+
+
+def _normalise_stains(config, records, test_records, log):
+    """Fit the configured stain normaliser on its template and apply it to every image."""
+    from kerasnuc.data.imageio import read_image
+    from kerasnuc.data.stain import make_normalizer
+
+    options = dict(config.stain)
+    method, template = options.pop("method", "macenko"), options.pop("template", None)
+    if not template:
+        sys.exit("training.fit: stain normalisation needs a 'template' image path in the stain option")
+    normaliser = make_normalizer(method, **options)
+    normaliser.fit(read_image(template, channels=3))
+    for record in records + test_records:
+        if record.channels == 3:
+            record.image = normaliser.transform(record.image)
+    log(f"stain: {method} normalisation to {template} applied to {len(records) + len(test_records)} images")
+    return records, test_records, {"template": template, **normaliser.to_dict()}
 
 
 def _task_module(task):

@@ -31,6 +31,10 @@ class RunDirectory:
     def write_json(self, name, data):
         write_json_atomic(self.file(name), data)
 
+    def subfolder(self, name):
+        """A run-like view of ``<run>/<name>/`` (one fold of a cross-validation)."""
+        return _SubRun(self, name)
+
     def finish(self):
         if os.path.exists(self.final_path):
             shutil.rmtree(self.final_path)
@@ -59,3 +63,19 @@ def _jsonable(value):
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)
+
+
+class _SubRun:
+    """Writes into a folder inside a RunDirectory; published with its parent."""
+
+    def __init__(self, parent, name):
+        self.parent, self.name = parent, name
+        self.path = os.path.join(parent.path, name)
+        os.makedirs(self.path, exist_ok=True)
+        self.written = parent.written
+
+    def file(self, name):
+        return self.parent.file(os.path.join(self.name, name))
+
+    def write_json(self, name, data):
+        write_json_atomic(self.file(name), data)

@@ -1,0 +1,230 @@
+"""The detection task (UD-Net): regress density maps on crops, tune peak finding on
+validation images, score nucleus centres on held-out images.
+
+Targets are :func:`kerasnuc.data.targets.density_map` maps (a Gaussian of
+``config.density_sigma`` on every centre, isolated peaks at 1); detections are the local
+maxima of the predicted map (:func:`kerasnuc.postprocess.centroids_from_density`), matched
+one-to-one to the true centres within ``config.match_radius`` pixels. The primary figure
+is the pooled precision/recall/F1 over all test points (TP/FP/FN summed over images);
+per-image values and their mean are reported too.
+"""
+
+import itertools
+import math
+import time
+
+import cv2
+import keras
+import numpy as np
+
+from kerasnuc import metrics, models
+from kerasnuc.data.augment import Augmenter
+from kerasnuc.data.pipeline import DetectionDataset, record_points
+from kerasnuc.inference import predict_maps
+from kerasnuc.losses import get_loss
+from kerasnuc.postprocess import centroids_from_density
+from training import plots
+from training.callbacks import EpochProgress
+from training.optimizers import make_optimizer
+
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_DISTANCES = (2, 3, 4, 5, 6)
+# Losses that make no sense for a linear density regression head.
+NOT_REGRESSION = ("bce", "dice", "focal", "categorical", "categorical_focal")
+# Keyword arguments of centroids_from_density that config.postprocess may carry.
+PEAK_KEYS = ("threshold", "min_distance", "exclude_border", "refine", "refine_radius")
+
+
+class _FixedCrops(DetectionDataset):
+    """Validation crops that stay the same every epoch, so val_loss compares epochs fairly."""
+
+    def on_epoch_end(self):
+        pass
+
+
+def detection_loss(config, log):
+    """The loss name used: the segmentation default (bce_dice) becomes mse; classification
+    or segmentation losses are refused."""
+    if config.loss == "bce_dice":
+        log("detection: loss 'bce_dice' is the segmentation default; using 'mse' on the density maps")
+        return "mse"
+    if config.loss in NOT_REGRESSION:
+        raise ValueError(f"detection regresses density maps; loss '{config.loss}' does not fit, use 'mse'")
+    return config.loss
+
+
+def model_depth(config):
+    return config.model_config.get("depth", models.default_config(config.model).get("depth", 0)) or 0
+
+
+def build_model(config, loss):
+    model = models.build(config.model, input_shape=(None, None, config.channels), **dict(config.model_config))
+    model.compile(optimizer=make_optimizer(config), loss=get_loss(loss),
+                  metrics=[keras.metrics.MeanAbsoluteError(name="mae")])
+    return model
+
+
+def train(config, run, train_records, val_records, loss, log):
+    """Fit the model; the best epoch by validation loss is saved as model.keras."""
+    depth = model_depth(config)
+    model = build_model(config, loss)
+    if models.task_of(config.model) != "detection":
+        log(f"detection: model '{config.model}' is built for {models.task_of(config.model)}; "
+            "training it on density maps anyway")
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}")
+    augmenter = Augmenter(**config.augment) if config.augment else None
+    train_data = DetectionDataset(train_records, tile=config.tile, batch_size=config.batch_size,
+                                  sigma=config.density_sigma, steps=config.steps_per_epoch or None,
+                                  channels=config.channels, augmenter=augmenter, seed=config.seed,
+                                  workers=config.workers)
+    val_data = None
+    if val_records:
+        val_data = _FixedCrops(val_records, tile=config.tile, batch_size=config.batch_size,
+                               sigma=config.density_sigma, channels=config.channels, seed=config.seed + 1)
+    log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
+        f"{config.epochs} epochs, density sigma {config.density_sigma}, loss {loss}"
+        + (f"; validation {len(val_data)} fixed batches" if val_data is not None else ""))
+    monitor = "val_loss" if val_data is not None else "loss"
+    callbacks = [
+        keras.callbacks.CSVLogger(run.file("history.csv")),
+        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
+        EpochProgress(config.epochs, log),
+    ]
+    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
+                        callbacks=callbacks, verbose=0)
+    return history.history, depth
+
+
+def predict_densities(model, records, config, depth):
+    """Predicted density map (H, W) per whole image (padded to the model multiple, cropped
+    back); Monte-Carlo models average ``mc_samples`` passes."""
+    passes = config.mc_samples if models.is_stochastic(model) else 1
+    maps = []
+    for record in records:
+        samples = [predict_maps(model, record.image, config.channels, 2 ** depth)[..., 0]
+                   for _ in range(passes)]
+        maps.append(np.mean(samples, axis=0))
+    return maps
+
+
+def peak_params(params):
+    """The centroids_from_density keyword arguments in a post-processing dict."""
+    return {k: params[k] for k in PEAK_KEYS if k in params}
+
+
+def _finite(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def evaluate(densities, records, params, radius):
+    """Detections from density maps scored against the records' points.
+
+    Returns (summary, per_image, predictions): summary holds the pooled precision, recall,
+    f1, tp, fp, fn (counts summed over the images), mean_distance of the matched pairs,
+    and mean_precision/mean_recall/mean_f1 (per-image means); per_image one dict per image;
+    predictions the (K, 2) (x, y) detections per image.
+    """
+    per_image, predictions = [], []
+    for density, record in zip(densities, records):
+        found = centroids_from_density(density, **peak_params(params))
+        predictions.append(found)
+        scores = metrics.detection_scores(record_points(record), found, radius)
+        per_image.append({"name": record.name, **{k: _finite(v) for k, v in scores.items()}})
+    tp, fp, fn = (int(sum(row[k] for row in per_image)) for k in ("tp", "fp", "fn"))
+    precision = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
+    recall = tp / (tp + fn) if tp + fn else (1.0 if tp + fp == 0 else 0.0)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    distance = sum(row["mean_distance"] * row["tp"] for row in per_image if row["tp"])
+    summary = {
+        "precision": float(precision), "recall": float(recall), "f1": float(f1),
+        "tp": float(tp), "fp": float(fp), "fn": float(fn),
+        "mean_distance": float(distance / tp) if tp else float("nan"),
+        "mean_precision": float(np.mean([row["precision"] for row in per_image])),
+        "mean_recall": float(np.mean([row["recall"] for row in per_image])),
+        "mean_f1": float(np.mean([row["f1"] for row in per_image])),
+    }
+    return summary, per_image, predictions
+
+
+def tune_postprocess(densities, records, defaults, radius, log):
+    """Grid-search threshold and min_distance for the best pooled F1 on validation images."""
+    best, best_score = peak_params(defaults), -1.0
+    for threshold, min_distance in itertools.product(THRESHOLDS, MIN_DISTANCES):
+        params = {**peak_params(defaults), "threshold": threshold, "min_distance": min_distance}
+        score = evaluate(densities, records, params, radius)[0]["f1"]
+        if score > best_score:
+            best, best_score = params, float(score)
+    log(f"peak finding tuned on {len(records)} validation images: threshold {best['threshold']}, "
+        f"min_distance {best['min_distance']} (pooled F1 {best_score:.3f} at {radius} px)")
+    return best, best_score
+
+
+def _display(image):
+    rgb = image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
+    low, high = np.percentile(rgb, (0.5, 99.5))
+    return np.clip((rgb.astype(np.float32) - low) / max(high - low, 1) * 255, 0, 255).astype(np.uint8)
+
+
+def dots_panel(image, true_points, pred_points, radius=3):
+    """RGB uint8: true centres as green dots, detections as smaller red dots on top."""
+    out = np.ascontiguousarray(_display(image))
+    for points, colour, size in ((true_points, (0, 255, 0), radius), (pred_points, (255, 0, 0), radius - 1)):
+        for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
+            cv2.circle(out, (int(round(x)), int(round(y))), size, colour, -1, lineType=cv2.LINE_AA)
+    return out
+
+
+def save_detections(records, predictions, per_image, path):
+    """detections.png: the best and the worst test image by F1 (truth green, predicted red)."""
+    order = np.argsort([row["f1"] for row in per_image])
+    picks = list(dict.fromkeys([int(order[-1]), int(order[0])]))
+    panels = [dots_panel(records[i].image, record_points(records[i]), predictions[i]) for i in picks]
+    titles = [f"{records[i].name[:14]} F1 {per_image[i]['f1']:.2f} (green truth, red pred)" for i in picks]
+    plots.save_overlays(panels, path, titles)
+
+
+def run_task(config, run, records, split, log):
+    """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
+    metrics.json and detections.png into ``run``."""
+    by_name = {r.name: r for r in records}
+    train_records = [by_name[n] for n in split["train"]]
+    val_records = [by_name[n] for n in split["val"]]
+    test_records = [by_name[n] for n in split["test"]]
+    if not test_records:
+        raise ValueError("detection: no test images to evaluate on")
+    loss = detection_loss(config, log)
+    radius = float(config.match_radius)
+    started = time.time()
+    history, depth = train(config, run, train_records, val_records, loss, log)
+    train_seconds = time.time() - started
+    plots.plot_history(history, run.file("curves.png"))
+    model = keras.models.load_model(run.file("model.keras"))
+
+    params = peak_params(config.postprocess)
+    val_f1 = None
+    if config.tune_postprocess and val_records:
+        val_densities = predict_densities(model, val_records, config, depth)
+        params, val_f1 = tune_postprocess(val_densities, val_records, params, radius, log)
+    run.write_json("thresholds.json", {
+        "detection": params, "match_radius": radius, "validation_f1": val_f1,
+        "tuned_on": "val" if val_f1 is not None else None, "density_sigma": config.density_sigma})
+
+    test_densities = predict_densities(model, test_records, config, depth)
+    summary, per_image, predictions = evaluate(test_densities, test_records, params, radius)
+    pooled = {"precision": summary["precision"], "recall": summary["recall"], "f1": summary["f1"],
+              "tp": int(summary["tp"]), "fp": int(summary["fp"]), "fn": int(summary["fn"]),
+              "mean_distance": _finite(summary["mean_distance"])}
+    run.write_json("metrics.json", {
+        "split": "test", "images": len(test_records), "match_radius": radius,
+        "primary": "pooled", **pooled, "pooled": pooled,
+        "mean_per_image": {k[5:]: summary[k] for k in ("mean_precision", "mean_recall", "mean_f1")},
+        "per_image": per_image, "postprocess": params, "loss": loss,
+        "density_sigma": config.density_sigma, "epochs": len(history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1),
+        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
+    })
+    save_detections(test_records, predictions, per_image, run.file("detections.png"))
+    log(f"test ({len(test_records)} images, {pooled['tp'] + pooled['fn']} points, radius {radius:g} px): "
+        f"pooled P {summary['precision']:.3f} R {summary['recall']:.3f} F1 {summary['f1']:.3f}; "
+        f"per-image mean F1 {summary['mean_f1']:.3f}")
+    return summary

@@ -1,0 +1,694 @@
+"""Evaluate a finished run's model on its held-out images or on another dataset.
+
+    python -m training.evaluate runs/unet-20261124-101500                 # the run's test split
+    python -m training.evaluate RUN --split val --tta                      # 8 dihedral views averaged
+    python -m training.evaluate RUN --tta --tta-merge vote                 # instance majority vote
+    python -m training.evaluate RUN --data dsb2018:../shared/data/dsb2018/stage1_test
+    python -m training.evaluate RUN --mc-samples 20                        # MC-dropout models
+
+Everything comes from the run folder (config.json, split.json, model.keras, thresholds.json):
+the same channels, intensity normalisation, stain normalisation (stain.json) and tuned
+post-processing as training used. Results go to ``RUN/eval-<split or dataset>[-tta]/``
+(or ``--out``), written to a temporary folder first and renamed when complete:
+metrics.json (per image, mean and pooled, with the options used), report.md and figures.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+SPLITS = ("test", "val")
+TTA_MERGES = ("mean", "vote")
+VOTE_IOU = 0.2
+
+
+class EvaluationError(Exception):
+    """A run folder, option or dataset that cannot be evaluated; the message says why."""
+
+
+# ---------------------------------------------------------------------------- the run folder
+
+@dataclass
+class RunInfo:
+    path: str
+    config: dict
+    split: dict
+    thresholds: dict
+    stain: dict
+
+    @property
+    def task(self):
+        return self.config.get("task", "segmentation")
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}: {what} is not valid JSON ({error})") from None
+
+
+def load_run(run_dir):
+    """Read and check a run folder; errors name the missing or broken file.
+
+    A fold of a cross-validation run (``RUN/fold2``) works too: its config.json is the parent's.
+    """
+    path = os.path.abspath(os.fspath(run_dir)).rstrip(os.sep)
+    if path.endswith(".incomplete"):
+        raise EvaluationError(f"{path}: this run did not finish (a '.incomplete' folder is never a run); "
+                              "train again or evaluate a finished run")
+    if not os.path.isdir(path):
+        if os.path.isdir(path + ".incomplete"):
+            raise EvaluationError(f"{path}: run is incomplete ({path}.incomplete exists: training is still "
+                                  "running or crashed)")
+        raise EvaluationError(f"{path}: run directory not found")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) and os.path.isfile(os.path.join(os.path.dirname(path), "config.json")) \
+            and os.path.basename(path).startswith("fold"):
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+    for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json")),
+                       ("model.keras", os.path.join(path, "model.keras"))):
+        if not os.path.isfile(file):
+            raise EvaluationError(f"{path}: {name} missing; not a complete training.fit run folder")
+    from training.config import FitConfig
+
+    config = {**FitConfig().to_dict(), **_read_json(config_path, "config.json")}
+    split = _read_json(os.path.join(path, "split.json"), "split.json")
+    if "folds" in split:
+        folds = ", ".join(f"{path}/fold{i + 1}" for i in range(len(split["folds"])))
+        raise EvaluationError(f"{path}: a cross-validation run; evaluate one fold: {folds}")
+    thresholds_path = os.path.join(path, "thresholds.json")
+    thresholds = {}
+    if os.path.isfile(thresholds_path):
+        thresholds = _read_json(thresholds_path, "thresholds.json")
+    elif config.get("task", "segmentation") in ("segmentation", "detection"):
+        raise EvaluationError(f"{path}: thresholds.json missing (the tuned post-processing of a "
+                              f"{config.get('task', 'segmentation')} run)")
+    stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
+    stain = _read_json(stain_path, "stain.json") if config.get("stain") and os.path.isfile(stain_path) else {}
+    if config.get("stain") and not stain:
+        raise EvaluationError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
+    return RunInfo(path, config, split, thresholds, stain)
+
+
+def dataset_name(spec):
+    """Folder-friendly name of a dataset spec: 'dsb2018:/x/stage1_test' -> 'dsb2018-stage1_test'."""
+    from kerasnuc.data.spec import parse_spec
+
+    if spec == "sample":
+        return "sample"
+    try:
+        fmt, path = parse_spec(spec)
+    except Exception:
+        fmt, path = spec.split(":", 1) if ":" in spec else ("data", spec)
+    base = os.path.basename(os.path.normpath(path)) or "data"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{fmt}-{base}")
+
+
+def select_records(run, data=None, split="test"):
+    """(records, description): the run's ``split`` images, or every image of dataset ``data``."""
+    from kerasnuc.data import load_dataset
+    from kerasnuc.data.imageio import DataError
+
+    try:
+        if data:
+            records = load_dataset(data)
+            if not records:
+                raise EvaluationError(f"dataset {data}: no images")
+            description = {"data": data, "split": None}
+        else:
+            if split not in run.split or not isinstance(run.split.get(split), list):
+                known = [k for k, v in run.split.items() if isinstance(v, list)]
+                raise EvaluationError(f"{run.path}/split.json: no split '{split}' (has: {', '.join(known)})")
+            names = run.split[split]
+            if not names:
+                raise EvaluationError(f"{run.path}/split.json: split '{split}' is empty; evaluate another "
+                                      "split or pass --data")
+            wanted = set(names)
+            pool = []
+            if any(not n.startswith("test:") for n in names):
+                pool += load_dataset(run.config["data"])
+            if any(n.startswith("test:") for n in names):
+                if not run.config.get("test_data"):
+                    raise EvaluationError(f"{run.path}: split '{split}' names 'test:' images but config.json "
+                                          "has no test_data")
+                for record in load_dataset(run.config["test_data"]):
+                    record.name = f"test:{record.name}"
+                    pool.append(record)
+            by_name = {r.name: r for r in pool if r.name in wanted}
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                raise EvaluationError(f"{len(missing)} image(s) of split '{split}' not found in "
+                                      f"{run.config['data']}: {', '.join(missing[:5])}")
+            records = [by_name[n] for n in names]
+            description = {"data": run.config["data"], "test_data": run.config.get("test_data") or None,
+                           "split": split}
+    except DataError as error:
+        raise EvaluationError(str(error)) from None
+    if run.stain:
+        from kerasnuc.data.stain import normalizer_from_dict
+
+        normaliser = normalizer_from_dict(run.stain)
+        for record in records:
+            if record.channels == 3:
+                record.image = normaliser.transform(record.image)
+        description["stain"] = run.stain.get("method")
+    return records, description
+
+
+# ---------------------------------------------------------------------------- predictions
+
+@dataclass
+class Settings:
+    channels: int = 3
+    multiple: int = 16
+    tta: bool = False
+    tta_merge: str = "mean"
+    mc_samples: int = 1
+
+    @property
+    def transforms(self):
+        return 8 if self.tta else 1
+
+
+def _predict_batch(model, batch):
+    """The one place that runs the model: (B, H, W, C) float32 -> NumPy outputs."""
+    return np.asarray(model.predict(batch, verbose=0))
+
+
+def predict_record(model, record, settings):
+    """Model maps of one image: {"mean": (H, W, K), "variance": (H, W, K) or None, "views": list or None}.
+
+    ``settings.tta``: the 8 dihedral views (:func:`kerasnuc.postprocess.predict_tta`), mapped
+    back and averaged; with ``tta_merge == "vote"`` the 8 mapped-back views are returned too.
+    ``settings.mc_samples`` > 1: that many stochastic passes (each with all its TTA views);
+    "mean" is their mean, "variance" their variance.
+    """
+    from kerasnuc.data.intensity import normalize_image
+    from kerasnuc.inference import pad_to_multiple
+    from kerasnuc.postprocess import predict_tta
+
+    x = normalize_image(record.image, settings.channels)
+    padded, (height, width) = pad_to_multiple(x, settings.multiple)
+
+    def run(batch):
+        return _predict_batch(model, batch)
+
+    passes, views = [], None
+    for _ in range(max(1, settings.mc_samples)):
+        if settings.tta and settings.tta_merge == "vote":
+            pass_views = [predict_tta(run, padded, [k])[:height, :width] for k in range(8)]
+            views = pass_views if views is None else [v + p for v, p in zip(views, pass_views)]
+            passes.append(np.mean(pass_views, axis=0))
+        elif settings.tta:
+            passes.append(predict_tta(run, padded, 8)[:height, :width])
+        else:
+            passes.append(np.asarray(run(padded[None])[0][:height, :width], np.float32))
+    stack = np.stack(passes).astype(np.float32)
+    if views is not None:
+        views = [v / len(passes) for v in views]
+    variance = stack.var(axis=0) if len(passes) > 1 else None
+    return {"mean": stack.mean(axis=0), "variance": variance, "views": views, "passes": stack}
+
+
+def predict_patches(model, patches, settings, batch_size=256):
+    """(N, P, P, C) float patches -> (N, K) class probabilities, averaged over TTA views and MC passes."""
+    from kerasnuc.postprocess import dihedral_transform
+
+    if len(patches) == 0:
+        return None
+    total, count = None, 0
+    for _ in range(max(1, settings.mc_samples)):
+        for k in range(settings.transforms):
+            # Move the batch axis out of the way so the dihedral view acts on rows and columns.
+            view = np.moveaxis(dihedral_transform(np.moveaxis(patches, 0, 2), k), 2, 0)
+            view = np.ascontiguousarray(view, dtype=np.float32)
+            out = np.concatenate([_predict_batch(model, view[i:i + batch_size])
+                                  for i in range(0, len(view), batch_size)])
+            total = out.astype(np.float64) if total is None else total + out
+            count += 1
+    return (total / count).astype(np.float32)
+
+
+class Progress:
+    """One line every ``every`` images (and at the last) with elapsed and remaining time."""
+
+    def __init__(self, total, log, every=10, what="images"):
+        self.total, self.log, self.every, self.what = total, log, max(1, int(every)), what
+        self.started, self.done = time.time(), 0
+
+    def step(self, name=""):
+        self.done += 1
+        if self.done % self.every == 0 or self.done == self.total:
+            elapsed = time.time() - self.started
+            left = elapsed / self.done * (self.total - self.done)
+            self.log(f"  [{self.done}/{self.total} {self.what}] {elapsed:.0f}s elapsed, ~{left:.0f}s left"
+                     + (f" (last: {name[:32]})" if name else ""))
+
+
+def _mean_rows(rows, skip=("name",)):
+    keys = [k for k, v in rows[0].items() if k not in skip and isinstance(v, (int, float))
+            and not isinstance(v, bool)] if rows else []
+    out = {}
+    for k in keys:
+        values = np.array([row[k] for row in rows if isinstance(row.get(k), (int, float))], np.float64)
+        values = values[np.isfinite(values)]
+        out[k] = float(values.mean()) if values.size else None
+    return out
+
+
+def _prf(tp, fp, fn):
+    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
+    recall = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return float(precision), float(recall), float(f1)
+
+
+def _picks(values):
+    """Indices of the best, median and worst value (distinct, at most 3)."""
+    order = list(np.argsort(np.asarray(values, dtype=np.float64), kind="stable"))
+    picks = [order[-1], order[len(order) // 2], order[0]] if order else []
+    seen, out = set(), []
+    for p in picks:
+        if p not in seen:
+            seen.add(p)
+            out.append(int(p))
+    return out
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+ENTROPY_BINS = 10
+
+
+def evaluate_segmentation(records, predict, params, settings, log, progress_every=10):
+    """Score instances against the truth. ``predict(record)`` -> :func:`predict_record`'s dict.
+
+    Returns (metrics, artifacts): metrics has per_image, mean, pooled (and uncertainty for
+    MC models); artifacts keep what the figures need.
+    """
+    from kerasnuc import metrics
+    from kerasnuc.postprocess import instances_from_probability, merge_instances_by_vote
+    from kerasnuc.postprocess.instances import split_probability_channels
+
+    missing = [r.name for r in records if r.labels is None]
+    if missing:
+        raise EvaluationError(f"{len(missing)} image(s) have no instance labels to score a segmentation "
+                              f"against (e.g. {missing[0]})")
+    stochastic = settings.mc_samples > 1
+    per_image, instances, fg_means, variances = [], [], [], []
+    pooled = {"true": 0, "pred": 0, "inter": 0, "tp": 0, "fp": 0, "fn": 0}
+    ua_counts = {"entropy": np.zeros(4, np.int64), "variance": np.zeros(4, np.int64)}
+    bins = np.linspace(0.0, np.log(2.0), ENTROPY_BINS + 1)
+    hist_pixels, hist_errors = np.zeros(ENTROPY_BINS, np.int64), np.zeros(ENTROPY_BINS, np.int64)
+    progress = Progress(len(records), log, progress_every)
+    for record in records:
+        maps = predict(record)
+        mean = maps["mean"]
+        if maps.get("views") is not None:
+            predicted = merge_instances_by_vote([instances_from_probability(v, **params) for v in maps["views"]],
+                                                iou_threshold=VOTE_IOU)
+        else:
+            predicted = instances_from_probability(mean, **params)
+        row = {"name": record.name, **metrics.segmentation_report(record.labels, predicted)}
+        truth, pred_fg = record.labels > 0, predicted > 0
+        pooled["true"] += int(truth.sum())
+        pooled["pred"] += int(pred_fg.sum())
+        pooled["inter"] += int((truth & pred_fg).sum())
+        for k in ("tp", "fp", "fn"):
+            pooled[k] += int(row[k])
+        fg_mean = split_probability_channels(mean)[0]
+        if stochastic:
+            fg_passes = np.stack([split_probability_channels(p)[0] for p in maps["passes"]])
+            variance = fg_passes.var(axis=0)
+            entropy = metrics.predictive_entropy(fg_mean)
+            for name, unc in (("entropy", entropy), ("variance", variance)):
+                ua = metrics.uncertainty_accuracy(truth, fg_mean, unc, threshold=params["threshold"])
+                row[f"ua_{name}"] = ua["ua"]
+                ua_counts[name] += [ua["n_correct_certain"], ua["n_correct_uncertain"],
+                                    ua["n_incorrect_certain"], ua["n_incorrect_uncertain"]]
+            row["mean_entropy"] = float(entropy.mean())
+            row["mean_variance"] = float(variance.mean())
+            error = (fg_mean > params["threshold"]) != truth
+            which = np.clip(np.digitize(entropy.ravel(), bins) - 1, 0, ENTROPY_BINS - 1)
+            hist_pixels += np.bincount(which, minlength=ENTROPY_BINS)
+            hist_errors += np.bincount(which, weights=error.ravel(), minlength=ENTROPY_BINS).astype(np.int64)
+            variances.append(variance.astype(np.float16))
+        per_image.append(row)
+        instances.append(predicted)
+        fg_means.append(fg_mean.astype(np.float16))
+        progress.step(record.name)
+
+    precision, recall, f1 = _prf(pooled["tp"], pooled["fp"], pooled["fn"])
+    union = pooled["true"] + pooled["pred"] - pooled["inter"]
+    pooled_metrics = {
+        "dice": 1.0 if pooled["true"] + pooled["pred"] == 0 else 2 * pooled["inter"] / (pooled["true"] + pooled["pred"]),
+        "iou": 1.0 if union == 0 else pooled["inter"] / union,
+        "tp": pooled["tp"], "fp": pooled["fp"], "fn": pooled["fn"],
+        "precision": precision, "recall": recall, "f1": f1,
+    }
+    result = {"per_image": per_image, "mean": _mean_rows(per_image), "pooled": pooled_metrics}
+    if stochastic:
+        uncertainty = {}
+        for name, (cc, cu, ic, iu) in ua_counts.items():
+            total = cc + cu + ic + iu
+            uncertainty[f"ua_{name}_pooled"] = float((cc + iu) / total) if total else None
+            uncertainty[f"{name}_counts"] = {"correct_certain": int(cc), "correct_uncertain": int(cu),
+                                            "incorrect_certain": int(ic), "incorrect_uncertain": int(iu)}
+        uncertainty["error_by_entropy"] = {
+            "bin_edges": bins.tolist(), "pixels": hist_pixels.tolist(), "errors": hist_errors.tolist(),
+            "error_rate": [float(e / p) if p else None for e, p in zip(hist_errors, hist_pixels)]}
+        result["uncertainty"] = uncertainty
+    artifacts = {"instances": instances, "fg_means": fg_means, "variances": variances or None,
+                 "picks": _picks([row["aji"] for row in per_image])}
+    return result, artifacts
+
+
+# ---------------------------------------------------------------------------- detection
+
+DETECTION_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def evaluate_detection(records, predict, params, radius, log, progress_every=10, sweep=DETECTION_SWEEP):
+    """Centres from density maps (``predict(record)`` -> dict with "mean" (H, W, 1)) against the
+    records' points (or label centroids), matched within ``radius`` pixels.
+
+    ``params``: threshold, min_distance of :func:`centroids_from_density`. Also sweeps the
+    threshold (pooled P/R/F1 per value) for the precision-recall figure.
+    """
+    from kerasnuc.data.pipeline import record_points
+    from kerasnuc.metrics import detection_scores
+    from kerasnuc.postprocess import centroids_from_density
+
+    sweep = sorted(set(float(t) for t in sweep) | {float(params["threshold"])})
+    sweep_counts = np.zeros((len(sweep), 3), np.int64)
+    per_image, true_points, pred_points = [], [], []
+    progress = Progress(len(records), log, progress_every)
+    for record in records:
+        try:
+            truth = record_points(record)
+        except ValueError as error:
+            raise EvaluationError(str(error)) from None
+        density = np.asarray(predict(record)["mean"], np.float32)
+        density = density[..., 0] if density.ndim == 3 else density
+        found = centroids_from_density(density, threshold=params["threshold"],
+                                       min_distance=params["min_distance"])
+        scores = detection_scores(truth, found, radius)
+        per_image.append({"name": record.name, "n_true": len(truth), "n_pred": len(found), **scores})
+        for i, threshold in enumerate(sweep):
+            points = found if threshold == float(params["threshold"]) else centroids_from_density(
+                density, threshold=threshold, min_distance=params["min_distance"])
+            s = detection_scores(truth, points, radius)
+            sweep_counts[i] += [s["tp"], s["fp"], s["fn"]]
+        true_points.append(truth)
+        pred_points.append(found)
+        progress.step(record.name)
+    tp, fp, fn = (int(sum(row[k] for row in per_image)) for k in ("tp", "fp", "fn"))
+    precision, recall, f1 = _prf(tp, fp, fn)
+    distances = [row["mean_distance"] * row["tp"] for row in per_image if row["tp"]]
+    pooled = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1,
+              "radius": float(radius),
+              "mean_distance": float(sum(distances) / tp) if tp else None}
+    curve = []
+    for threshold, (t, f, n) in zip(sweep, sweep_counts):
+        p, r, f1_t = _prf(int(t), int(f), int(n))
+        curve.append({"threshold": threshold, "precision": p, "recall": r, "f1": f1_t})
+    result = {"per_image": per_image, "mean": _mean_rows(per_image, skip=("name", "radius")),
+              "pooled": pooled, "threshold_sweep": curve}
+    artifacts = {"true_points": true_points, "pred_points": pred_points,
+                 "picks": _picks([row["f1"] for row in per_image])}
+    return result, artifacts
+
+
+# ---------------------------------------------------------------------------- classification
+
+def evaluate_classification(records, predict_patches_fn, patch, channels, class_names=None,
+                            num_classes=None, log=print, progress_every=10):
+    """Classify patches centred on the records' classified nuclei and score them.
+
+    ``predict_patches_fn``: (N, patch, patch, C) float32 in [0, 1] -> (N, K) probabilities.
+    Patches are cut from ``normalize_image(image, channels)`` (as in training). Images
+    without classified nuclei are skipped (counted in ``skipped_images``).
+    """
+    from kerasnuc.data.intensity import normalize_image
+    from kerasnuc.data.pipeline import classified_points
+    from kerasnuc.data.targets import extract_patches
+    from kerasnuc.metrics import classification_report
+
+    y_true, y_score, owner, per_image, skipped = [], [], [], [], []
+    progress = Progress(len(records), log, progress_every)
+    for index, record in enumerate(records):
+        points, classes = classified_points(record)
+        if len(points) == 0:
+            skipped.append(record.name)
+            progress.step(record.name)
+            continue
+        patches = extract_patches(normalize_image(record.image, channels), points, size=patch)
+        scores = np.asarray(predict_patches_fn(patches), np.float64)
+        if scores.shape[0] != len(points) or scores.ndim != 2:
+            raise EvaluationError(f"{record.name}: classifier returned {scores.shape} for {len(points)} patches")
+        predicted = scores.argmax(axis=1)
+        per_image.append({"name": record.name, "n": int(len(points)),
+                          "accuracy": float(np.mean(predicted == classes))})
+        y_true.append(classes)
+        y_score.append(scores)
+        owner.append(np.full(len(points), index))
+        progress.step(record.name)
+    if not y_true:
+        raise EvaluationError("no classified nuclei in these images (need record.classes and "
+                              "extra['class_points'] or points)")
+    y_true, y_score = np.concatenate(y_true), np.concatenate(y_score)
+    num_classes = int(num_classes or y_score.shape[1])
+    if y_score.shape[1] != num_classes:
+        raise EvaluationError(f"model gives {y_score.shape[1]} class scores, data has {num_classes} classes")
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    if y_true.max() >= num_classes:
+        raise EvaluationError(f"data has class index {int(y_true.max())} but the model only {num_classes} classes")
+    report = classification_report(y_true, y_score.argmax(axis=1), num_classes=num_classes,
+                                   class_names=class_names, y_score=y_score)
+    for row, start in zip(per_image, np.cumsum([0] + [r["n"] for r in per_image])):
+        yt = y_true[start:start + row["n"]]
+        yp = y_score[start:start + row["n"]].argmax(axis=1)
+        row["macro_f1"] = classification_report(yt, yp, num_classes=num_classes)["macro_f1"]
+    pooled = {k: report[k] for k in ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc",
+                                     "macro_average_precision", "n")}
+    result = {"per_image": per_image, "mean": _mean_rows(per_image), "pooled": pooled,
+              "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
+              "class_names": [c["name"] for c in report["per_class"]], "skipped_images": skipped}
+    artifacts = {"y_true": y_true, "y_score": y_score}
+    return result, artifacts
+
+
+# ---------------------------------------------------------------------------- putting it together
+
+def _model_multiple(config):
+    from kerasnuc import models
+
+    depth = config.get("model_config", {}).get("depth")
+    if depth is None:
+        try:
+            depth = models.default_config(config["model"]).get("depth")
+        except ValueError:
+            depth = None
+    return 2 ** int(depth) if depth else 32
+
+
+def default_out(run, data=None, split="test", tta=False, tta_merge="mean"):
+    name = dataset_name(data) if data else split
+    suffix = ("-tta-vote" if tta_merge == "vote" else "-tta") if tta else ""
+    return os.path.join(run.path, f"eval-{name}{suffix}")
+
+
+def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, out=None,
+                 tta_merge="mean", progress_every=10, log=None):
+    """Evaluate ``run_dir``'s model; returns the metrics dict that is also written to
+    ``out/metrics.json`` (with ``out``/``report`` keys giving where everything went).
+
+    ``data``: a dataset spec to evaluate on instead of the run's ``split`` ("test" or "val").
+    ``tta``: average the 8 dihedral views; ``tta_merge="vote"`` (segmentation) merges the
+    8 views' instances by majority vote at IoU > 0.2 instead. ``mc_samples``: stochastic
+    passes for MC-dropout models (default: config.json's mc_samples; ignored otherwise).
+    ``out``: default ``RUN/eval-<split or dataset>[-tta|-tta-vote]/``.
+    """
+    log = log or (lambda message: print(message, flush=True))
+    started = time.time()
+    if split not in SPLITS and not data:
+        raise EvaluationError(f"split must be one of {SPLITS}, got '{split}'")
+    if tta_merge not in TTA_MERGES:
+        raise EvaluationError(f"tta_merge must be one of {TTA_MERGES}, got '{tta_merge}'")
+    if tta_merge == "vote":
+        tta = True
+    if mc_samples is not None and int(mc_samples) < 1:
+        raise EvaluationError(f"mc_samples must be at least 1, got {mc_samples}")
+    run = load_run(run_dir)
+    task = run.task
+    if tta_merge == "vote" and task != "segmentation":
+        raise EvaluationError(f"--tta-merge vote merges instances: segmentation runs only (this run: {task})")
+    records, description = select_records(run, data, split)
+    out = os.path.abspath(out or default_out(run, data, split, tta, tta_merge))
+
+    import keras
+
+    from kerasnuc import __version__, models
+
+    model_path = os.path.join(run.path, "model.keras")
+    try:
+        model = keras.models.load_model(model_path, custom_objects=models.CUSTOM_OBJECTS, compile=False)
+    except Exception as error:
+        raise EvaluationError(f"{model_path}: cannot load the model ({type(error).__name__}: {error})") from None
+    stochastic = models.is_stochastic(model)
+    requested = int(mc_samples) if mc_samples is not None else int(run.config.get("mc_samples") or 1)
+    passes = requested if stochastic else 1
+    if mc_samples and int(mc_samples) > 1 and not stochastic:
+        log(f"note: {run.config['model']} has no Monte-Carlo dropout; --mc-samples {mc_samples} ignored (1 pass)")
+    channels = int(run.config.get("channels") or 3)
+    settings = Settings(channels=channels, multiple=_model_multiple(run.config), tta=bool(tta),
+                        tta_merge=tta_merge, mc_samples=passes)
+    what = f"split '{split}'" if not data else f"dataset {data}"
+    log(f"evaluating {run.path} ({task}, {run.config['model']}) on {what}: {len(records)} images, "
+        f"{'TTA 8 views' + (' + vote' if tta_merge == 'vote' else '') if tta else 'no TTA'}, "
+        f"{passes} pass{'es' if passes > 1 else ''}{' (MC dropout)' if stochastic else ''}")
+
+    def predict(record):
+        return predict_record(model, record, settings)
+
+    options = {"tta": bool(tta), "tta_transforms": settings.transforms,
+               "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
+               "channels": channels, "input_multiple": settings.multiple}
+    if task == "segmentation":
+        params = dict((run.thresholds.get("postprocess") or {}))
+        if not params:
+            raise EvaluationError(f"{run.path}/thresholds.json: no 'postprocess' entry")
+        if tta_merge == "vote":
+            options["vote_iou"] = VOTE_IOU
+        options["postprocess"] = params
+        metrics, artifacts = evaluate_segmentation(records, predict, params, settings, log, progress_every)
+    elif task == "detection":
+        params = dict(run.thresholds.get("detection") or {})
+        if "threshold" not in params or "min_distance" not in params:
+            raise EvaluationError(f"{run.path}/thresholds.json: no 'detection' entry with threshold and "
+                                  "min_distance")
+        radius = float(run.thresholds.get("match_radius") or run.config.get("match_radius") or 6.0)
+        options.update({"detection": params, "match_radius": radius})
+        metrics, artifacts = evaluate_detection(records, predict, params, radius, log, progress_every)
+    elif task == "classification":
+        patch = int(run.config.get("patch") or 32)
+        fixed = tuple(model.input_shape[1:3])
+        if all(fixed) and fixed != (patch, patch):
+            log(f"note: model input is {fixed}, config patch {patch}; using the model's")
+            patch = int(fixed[0])
+        names = next((tuple(r.class_names) for r in records if r.class_names), None)
+        options["patch"] = patch
+        metrics, artifacts = evaluate_classification(
+            records, lambda patches: predict_patches(model, patches, settings), patch, channels,
+            class_names=names, num_classes=int(model.output_shape[-1]), log=log,
+            progress_every=progress_every)
+    else:
+        raise EvaluationError(f"{run.path}/config.json: unknown task '{task}'")
+
+    result = {
+        "run": run.path, "task": task, "model": run.config["model"], "model_config": run.config.get("model_config"),
+        "parameters": int(model.count_params()), **description, "images": len(records), "options": options,
+        **metrics, "seconds": round(time.time() - started, 1), "kerasnuc_version": __version__,
+        "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    _write_outputs(out, result, records, artifacts, log)
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def _write_outputs(out, result, records, artifacts, log):
+    """Figures, metrics.json and report.md into a temporary folder, then renamed to ``out``."""
+    from training import report
+    from training.rundir import write_json_atomic
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        figures = report.make_figures(tmp, result, records, artifacts)
+        result["figures"] = [name for name, _ in figures]
+        result["out"] = out
+        write_json_atomic(os.path.join(tmp, "metrics.json"), result)
+        report.write_report(os.path.join(tmp, "report.md"), result, figures)
+        old = None
+        if os.path.exists(out):
+            old = os.path.join(parent, f".{os.path.basename(out)}.old{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result["report"] = os.path.join(out, "report.md")
+    log(f"wrote {out}/: metrics.json, report.md" + (", " + ", ".join(result["figures"]) if result["figures"] else ""))
+    log("summary: " + summary_line(result))
+
+
+def summary_line(result):
+    """'aji 0.512 (mean), dice 0.801 (mean), f1 0.63 (pooled)...' for the task's headline metrics."""
+    keys = {"segmentation": (("mean", "dice"), ("mean", "aji"), ("mean", "pq"), ("mean", "f1"),
+                             ("pooled", "dice")),
+            "detection": (("pooled", "precision"), ("pooled", "recall"), ("pooled", "f1"), ("mean", "f1")),
+            "classification": (("pooled", "accuracy"), ("pooled", "macro_f1"), ("pooled", "weighted_f1"),
+                               ("pooled", "macro_roc_auc"))}[result["task"]]
+    parts = [f"{key} {result[where][key]:.4f} ({where})" for where, key in keys
+             if isinstance(result.get(where, {}).get(key), (int, float))]
+    for key in ("ua_entropy_pooled", "ua_variance_pooled"):
+        value = result.get("uncertainty", {}).get(key)
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+    return ", ".join(parts)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished training.fit run folder")
+    parser.add_argument("--split", choices=SPLITS, default=None,
+                        help="which of the run's held-out splits to score (default: test)")
+    parser.add_argument("--data", metavar="SPEC",
+                        help="evaluate on every image of this dataset instead, e.g. "
+                             "dsb2018:../shared/data/dsb2018/stage1_test")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the 8 dihedral views (8x the passes)")
+    parser.add_argument("--tta-merge", choices=TTA_MERGES, default="mean", dest="tta_merge",
+                        help="segmentation: 'mean' thresholds the averaged probabilities; 'vote' keeps "
+                             "nuclei found in most views (IoU > 0.2); implies --tta")
+    parser.add_argument("--mc-samples", type=int, dest="mc_samples", metavar="T",
+                        help="stochastic passes for Monte-Carlo dropout models (default: the run's config)")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/eval-<split or dataset>[-tta])")
+    parser.add_argument("--progress-every", type=int, default=10, dest="progress_every", metavar="N",
+                        help="print a progress line every N images (default 10)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.data and args.split:
+        sys.exit("training.evaluate: give --split or --data, not both")
+    try:
+        evaluate_run(args.run_dir, data=args.data, split=args.split or "test", tta=args.tta,
+                     mc_samples=args.mc_samples, out=args.out, tta_merge=args.tta_merge,
+                     progress_every=args.progress_every)
+    except EvaluationError as error:
+        sys.exit(f"training.evaluate: {error}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
