@@ -189,4 +189,4 @@ def run_task(config, run, records, split, log):
     summary = {k: _float(report.get(k)) for k in ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc",
                                                   "macro_average_precision")}
     summary.update({f"f1_{c['name']}": float(c["f1"]) for c in report["per_class"]})
-    return summary
+    return {k: v for k, v in summary.items() if not np.isnan(v)}
