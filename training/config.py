@@ -22,8 +22,10 @@ class FitConfig:
     """segmentation, detection or classification."""
     model: str = "unet"
     """A name from ``kerasnuc.models.available()``."""
-    model_config: dict = field(default_factory=dict)
-    """Keyword arguments for the model builder (filters, depth, steps, dropout...); empty: the paper defaults."""
+    model_config: dict = field(default_factory=lambda: {"filters": 8, "depth": 4})
+    """Keyword arguments for the model builder (filters, depth, steps, dropout...). The default
+    is the quick start's small U-Net; choosing another model without model_config uses that
+    family's paper defaults."""
     data: str = "sample"
     """Dataset spec: 'sample' (shipped DSB 2018 subset) or FORMAT:PATH."""
     test_data: str = ""
@@ -130,6 +132,8 @@ def resolve(file_values=None, overrides=None):
     """Defaults, then file values, then explicit overrides (None means 'not given')."""
     values = FitConfig().to_dict()
     for source in (file_values or {}, overrides or {}):
+        if source.get("model") not in (None, values["model"]) and source.get("model_config") is None:
+            values["model_config"] = {}
         for key, value in source.items():
             if value is None:
                 continue
