@@ -35,6 +35,7 @@ SEGMENTATION_LOSSES = ("bce_dice", "bce", "dice")
 # Objectives that grow with quality; everything else is minimised.
 MAXIMISED = ("iou", "accuracy", "dice", "f1", "auc", "precision", "recall")
 PROJECT = "search"
+OUTPUTS = ("best_config.json", "trials.json", "trials.csv", "summary.txt")
 
 
 class TuneError(RuntimeError):
@@ -77,7 +78,10 @@ def search_space(config, filters=None, depth=None, lr_range=None, dropout_range=
 
     if depth_key:
         base = int(defaults[depth_key])
-        values = depth if depth is not None else [d for d in (base - 1, base, base + 1) if d >= 1]
+        # One level deeper only for encoder-decoders ("depth"); a classifier's extra block
+        # could pool its small patch away.
+        around = (base - 1, base, base + 1) if depth_key == "depth" else (base - 1, base)
+        values = depth if depth is not None else [d for d in around if d >= 1]
         values = [int(v) for v in values]
         if config.task != "classification" and depth_key == "depth":
             fitting = [d for d in values if config.tile % 2 ** d == 0]
@@ -215,7 +219,57 @@ def prepare_records(config, log):
     return [by_name[n] for n in split["train"]], [by_name[n] for n in split["val"]], split
 
 
-def make_datasets(config, task, train_records, val_records):
+def task_records(task, config, train_records, val_records):
+    """(train, val, context) for the task: classification keeps images with classified nuclei
+    and learns the class count (as training.classification.run_task does)."""
+    context = {}
+    if config.task == "classification":
+        keep = getattr(task, "with_classes", None)
+        if keep is not None:
+            train_records, val_records = keep(train_records), keep(val_records)
+        if not train_records or not val_records:
+            raise TuneError("classification: the train and validation images need classified nuclei")
+        names_of = getattr(task, "class_names_of", None)
+        try:
+            context["num_classes"] = len(names_of(train_records + val_records)) if names_of else None
+        except ValueError as error:
+            raise TuneError(str(error)) from None
+    return train_records, val_records, context
+
+
+def task_loss(task, config):
+    """The loss name the task really trains with (detection turns the default bce_dice into
+    mse, classification into categorical): training.<task>.<task>_loss when it exists."""
+    mapping = getattr(task, f"{config.task}_loss", None)
+    if mapping is None:
+        return config.loss
+    try:
+        return mapping(config, lambda message: None)
+    except ValueError as error:
+        raise TuneError(str(error)) from None
+
+
+def build_task_model(task, config, context):
+    """``training.<task>.build_model`` with whatever it asks for beyond the config (the loss
+    name, the class count): the model, optimizer, loss and metrics of a training.fit run."""
+    import inspect
+
+    parameters = list(inspect.signature(task.build_model).parameters.values())[1:]
+    kwargs = {}
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.name == "loss":
+            kwargs["loss"] = task_loss(task, config)
+        elif parameter.name in context and context[parameter.name] is not None:
+            kwargs[parameter.name] = context[parameter.name]
+        elif parameter.default is inspect.Parameter.empty:
+            raise TuneError(f"training/{config.task}.py build_model needs '{parameter.name}', "
+                            "which training.tune cannot supply")
+    return task.build_model(config, **kwargs)
+
+
+def make_datasets(config, task, train_records, val_records, log=print):
     """Training and validation batches as the task trains on them."""
     factory = getattr(task, "make_datasets", None)
     if factory is not None:
@@ -224,51 +278,40 @@ def make_datasets(config, task, train_records, val_records):
     from kerasnuc.data import pipeline
 
     augmenter = Augmenter(**config.augment) if config.augment else None
+    steps = config.steps_per_epoch or None
     if config.task == "segmentation":
         # Mirrors training.segmentation.train.
         train = pipeline.SegmentationDataset(
-            train_records, tile=config.tile, batch_size=config.batch_size,
-            steps=config.steps_per_epoch or None, channels=config.channels, augmenter=augmenter,
-            seed=config.seed, workers=config.workers)
+            train_records, tile=config.tile, batch_size=config.batch_size, steps=steps,
+            channels=config.channels, augmenter=augmenter, seed=config.seed, workers=config.workers)
         val = pipeline.SegmentationDataset(val_records, tile=config.tile, batch_size=config.batch_size,
                                            channels=config.channels, seed=config.seed + 1)
     elif config.task == "detection":
+        # Mirrors training.detection.train (fixed validation crops where it has them).
         train = pipeline.DetectionDataset(
             train_records, tile=config.tile, batch_size=config.batch_size, sigma=config.density_sigma,
-            steps=config.steps_per_epoch or None, channels=config.channels, augmenter=augmenter,
-            seed=config.seed, workers=config.workers)
-        val = pipeline.DetectionDataset(val_records, tile=config.tile, batch_size=config.batch_size,
-                                        sigma=config.density_sigma, channels=config.channels,
-                                        seed=config.seed + 1)
-    elif config.task == "classification":
-        train = pipeline.ClassificationDataset(
-            train_records, patch=config.patch, batch_size=config.batch_size,
-            steps=config.steps_per_epoch or None, channels=config.channels, seed=config.seed,
+            steps=steps, channels=config.channels, augmenter=augmenter, seed=config.seed,
             workers=config.workers)
+        val_class = getattr(task, "_FixedCrops", pipeline.DetectionDataset)
+        val = val_class(val_records, tile=config.tile, batch_size=config.batch_size,
+                        sigma=config.density_sigma, channels=config.channels, seed=config.seed + 1)
+    elif config.task == "classification":
+        # Mirrors training.classification.train (its patch augmentation default included).
+        make_augmenter = getattr(task, "make_augmenter", None)
+        patch_augmenter = make_augmenter(config, log) if make_augmenter else "default"
+        train = pipeline.ClassificationDataset(
+            train_records, patch=config.patch, batch_size=config.batch_size, steps=steps,
+            channels=config.channels, augmenter=patch_augmenter, seed=config.seed, workers=config.workers)
         val = pipeline.ClassificationDataset(val_records, patch=config.patch, batch_size=config.batch_size,
-                                             channels=config.channels, evaluation=True, seed=config.seed + 1)
+                                             channels=config.channels, evaluation=True)
     else:
         raise TuneError(f"no datasets for task '{config.task}'")
     return train, val
 
 
-def _build_kwargs(build_model, train_data):
-    """Extra arguments a task's build_model asks for that the data can answer (num_classes)."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(build_model).parameters
-    except (TypeError, ValueError):
-        return {}
-    extra = {}
-    if "num_classes" in parameters and hasattr(train_data, "num_classes"):
-        extra["num_classes"] = train_data.num_classes
-    return extra
-
-
-def make_hypermodel(config, space, task, build_kwargs=None):
-    """A keras_tuner.HyperModel building the task's model (``kerasnuc.models.build`` through
-    ``training.<task>.build_model``, so optimizer, loss and metrics are exactly fit's)."""
+def make_hypermodel(config, space, task, context=None):
+    """A keras_tuner.HyperModel whose ``build(hp)`` makes the model with ``kerasnuc.models.build``
+    through ``training.<task>.build_model``, so optimizer, loss and metrics are exactly fit's."""
     import keras
     import keras_tuner
 
@@ -278,9 +321,8 @@ def make_hypermodel(config, space, task, build_kwargs=None):
             trial_config = apply_values(config, space, values)
             # Every trial starts from the same initialisation as a training.fit run.
             keras.utils.set_random_seed(config.seed)
-            return task.build_model(trial_config, **(build_kwargs or {}))
+            return build_task_model(task, trial_config, context or {})
 
-    NucleusHyperModel.__qualname__ = "NucleusHyperModel"
     return NucleusHyperModel(name=f"{config.task}-{config.model}")
 
 
@@ -348,7 +390,7 @@ def _error_line(message):
 def trial_line(trial, number, total, seconds, objective="score"):
     """'trial 3/8  12.1s  learning_rate 0.0021 filters 8 depth 3 loss bce -> val_loss 0.4123'."""
     values = " ".join(f"{k} {_fmt(v)}" for k, v in _visible(trial.hyperparameters.values).items())
-    head = f"trial {number}/{total}  {seconds:.1f}s  {values}"
+    head = f"trial {number}/{total} (id {trial.trial_id})  {seconds:.1f}s  {values}"
     if _status(trial) == "COMPLETED" and trial.score is not None:
         return f"{head} -> {objective} {trial.score:.4f}"
     return f"{head} -> {_status(trial)}: {_error_line(trial.message)}"
@@ -432,23 +474,27 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     if os.path.exists(out) and os.listdir(out) and not (overwrite or resume):
         raise TuneError(f"{out}: exists; choose another --out, pass --overwrite to start afresh "
                         "or --resume to continue its search")
-    if overwrite and os.path.isdir(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
 
     task = task_module(config.task)
     from kerasnuc import models
 
     if models.task_of(config.model) != config.task:
-        raise TuneError(f"model '{config.model}' is a {models.task_of(config.model)} model, "
-                        f"but task is '{config.task}'")
+        log(f"note: model '{config.model}' is built for {models.task_of(config.model)}, "
+            f"tuned here for {config.task} (training/{config.task}.py decides whether it fits)")
     hp_space = search_space(config, **(space or {}))
     objective = choose_objective(objective, hp_space, config)
     epochs = int(max_epochs or config.epochs)
     if max_trials < 1 or epochs < 1:
         raise TuneError("max-trials and max-epochs must be at least 1")
+
+    if overwrite:  # only what a search writes; anything else in the folder stays
+        import shutil
+
+        shutil.rmtree(tuner_dir, ignore_errors=True)
+        for name in OUTPUTS:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
 
     policy = apply_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -457,8 +503,9 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     log("search space: " + "; ".join(_describe(s) for s in hp_space))
 
     train_records, val_records, split = prepare_records(config, log)
-    train_data, val_data = make_datasets(config, task, train_records, val_records)
-    hypermodel = make_hypermodel(config, hp_space, task, _build_kwargs(task.build_model, train_data))
+    train_records, val_records, context = task_records(task, config, train_records, val_records)
+    train_data, val_data = make_datasets(config, task, train_records, val_records, log)
+    hypermodel = make_hypermodel(config, hp_space, task, context)
     try:  # Keras Tuner builds one model here to learn the search space
         search = make_tuner(tuner, hypermodel, objective, max_trials, epochs, tuner_dir, config.seed,
                             overwrite=not resume, factor=factor, log=log)
@@ -517,10 +564,10 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     ranked = sorted(completed, key=lambda r: r["score"], reverse=reverse)
     lines = [f"training.tune {tuner}: {len(rows)} trials ({len(completed)} completed, {failed} failed) "
              f"in {time.time() - started:.0f}s; objective {objective[0]} ({objective[1]})",
-             f"best: trial {best['trial_id']} {objective[0]} {best['score']:.4f}  "
+             f"best: trial id {best['trial_id']} {objective[0]} {best['score']:.4f}  "
              + " ".join(f"{k} {_fmt(v)}" for k, v in best_values.items()),
              "ranking:"]
-    lines += [f"  {r['trial_id']}  {r['score']:.4f}  "
+    lines += [f"  id {r['trial_id']}  {r['score']:.4f}  "
               + " ".join(f"{k} {_fmt(v)}" for k, v in r["hyperparameters"].items()) for r in ranked]
     lines += [f"wrote {out}/: best_config.json, trials.json, trials.csv, summary.txt (tuner files in tuner/)",
               f"retrain: python -m training.fit --config {best_path}"]
