@@ -44,6 +44,8 @@ class FitConfig:
     weight_decay: float = 0.0
     loss: str = "bce_dice"
     """bce, dice, bce_dice, focal (segmentation)."""
+    loss_options: dict = field(default_factory=dict)
+    """Keyword arguments of the loss, e.g. {"dice_weight": 0.5} for bce_dice."""
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     seed: int = 0

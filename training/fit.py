@@ -40,6 +40,8 @@ def build_parser():
     parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=docs["optimizer"])
     parser.add_argument("--weight-decay", type=float, dest="weight_decay", help="Weight decay (0: none).")
     parser.add_argument("--loss", help=docs["loss"])
+    parser.add_argument("--loss-options", type=json.loads, dest="loss_options", metavar="JSON",
+                        help=docs["loss_options"])
     parser.add_argument("--val-fraction", type=float, dest="val_fraction", help="Share of images for validation.")
     parser.add_argument("--test-fraction", type=float, dest="test_fraction", help="Share of images held out for testing.")
     parser.add_argument("--seed", type=int, help="Seed for the split, the crops, augmentation and initialisation.")

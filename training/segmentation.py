@@ -24,7 +24,7 @@ MIN_DISTANCES = (2, 3, 5, 8)
 def build_model(config):
     model_config = dict(config.model_config)
     model = models.build(config.model, input_shape=(None, None, config.channels), **model_config)
-    model.compile(optimizer=make_optimizer(config), loss=get_loss(config.loss),
+    model.compile(optimizer=make_optimizer(config), loss=get_loss(config.loss, **config.loss_options),
                   metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
     return model
 
