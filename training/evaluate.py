@@ -75,8 +75,7 @@ def load_run(run_dir):
     if not os.path.isfile(config_path) and os.path.isfile(os.path.join(os.path.dirname(path), "config.json")) \
             and os.path.basename(path).startswith("fold"):
         config_path = os.path.join(os.path.dirname(path), "config.json")
-    for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json")),
-                       ("model.keras", os.path.join(path, "model.keras"))):
+    for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json"))):
         if not os.path.isfile(file):
             raise EvaluationError(f"{path}: {name} missing; not a complete training.fit run folder")
     from training.config import FitConfig
@@ -86,6 +85,8 @@ def load_run(run_dir):
     if "folds" in split:
         folds = ", ".join(f"{path}/fold{i + 1}" for i in range(len(split["folds"])))
         raise EvaluationError(f"{path}: a cross-validation run; evaluate one fold: {folds}")
+    if not os.path.isfile(os.path.join(path, "model.keras")):
+        raise EvaluationError(f"{path}: model.keras missing; not a complete training.fit run folder")
     thresholds_path = os.path.join(path, "thresholds.json")
     thresholds = {}
     if os.path.isfile(thresholds_path):
@@ -181,8 +182,12 @@ class Settings:
 
 
 def _predict_batch(model, batch):
-    """The one place that runs the model: (B, H, W, C) float32 -> NumPy outputs."""
-    return np.asarray(model.predict(batch, verbose=0))
+    """The one place that runs the model: (B, H, W, C) float32 -> NumPy outputs.
+
+    ``predict_on_batch`` runs in inference mode like ``predict`` (BatchNorm uses its moving
+    statistics, MCDropout still samples) without predict's per-call set-up cost.
+    """
+    return np.asarray(model.predict_on_batch(batch))
 
 
 def predict_record(model, record, settings):
@@ -220,7 +225,7 @@ def predict_record(model, record, settings):
     return {"mean": stack.mean(axis=0), "variance": variance, "views": views, "passes": stack}
 
 
-def predict_patches(model, patches, settings, batch_size=256):
+def predict_patches(model, patches, settings, batch_size=128):
     """(N, P, P, C) float patches -> (N, K) class probabilities, averaged over TTA views and MC passes."""
     from kerasnuc.postprocess import dihedral_transform
 
@@ -232,11 +237,20 @@ def predict_patches(model, patches, settings, batch_size=256):
             # Move the batch axis out of the way so the dihedral view acts on rows and columns.
             view = np.moveaxis(dihedral_transform(np.moveaxis(patches, 0, 2), k), 2, 0)
             view = np.ascontiguousarray(view, dtype=np.float32)
-            out = np.concatenate([_predict_batch(model, view[i:i + batch_size])
+            out = np.concatenate([_predict_padded(model, view[i:i + batch_size], batch_size)
                                   for i in range(0, len(view), batch_size)])
             total = out.astype(np.float64) if total is None else total + out
             count += 1
     return (total / count).astype(np.float32)
+
+
+def _predict_padded(model, batch, size):
+    """Predict a batch zero-padded to ``size`` rows (one traced shape for every chunk of patches)."""
+    if len(batch) == size:
+        return _predict_batch(model, batch)
+    padded = np.zeros((size,) + batch.shape[1:], batch.dtype)
+    padded[:len(batch)] = batch
+    return _predict_batch(model, padded)[:len(batch)]
 
 
 class Progress:
@@ -350,8 +364,9 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
 
     precision, recall, f1 = _prf(pooled["tp"], pooled["fp"], pooled["fn"])
     union = pooled["true"] + pooled["pred"] - pooled["inter"]
+    both = pooled["true"] + pooled["pred"]
     pooled_metrics = {
-        "dice": 1.0 if pooled["true"] + pooled["pred"] == 0 else 2 * pooled["inter"] / (pooled["true"] + pooled["pred"]),
+        "dice": 1.0 if both == 0 else 2 * pooled["inter"] / both,
         "iou": 1.0 if union == 0 else pooled["inter"] / union,
         "tp": pooled["tp"], "fp": pooled["fp"], "fn": pooled["fn"],
         "precision": precision, "recall": recall, "f1": f1,
@@ -382,13 +397,16 @@ def evaluate_detection(records, predict, params, radius, log, progress_every=10,
     """Centres from density maps (``predict(record)`` -> dict with "mean" (H, W, 1)) against the
     records' points (or label centroids), matched within ``radius`` pixels.
 
-    ``params``: threshold, min_distance of :func:`centroids_from_density`. Also sweeps the
+    ``params``: threshold, min_distance (and any other keyword) of :func:`centroids_from_density`,
+    as thresholds.json stores them. Also sweeps the
     threshold (pooled P/R/F1 per value) for the precision-recall figure.
     """
     from kerasnuc.data.pipeline import record_points
     from kerasnuc.metrics import detection_scores
     from kerasnuc.postprocess import centroids_from_density
 
+    peak_keys = ("threshold", "min_distance", "exclude_border", "refine", "refine_radius")
+    params = {k: v for k, v in params.items() if k in peak_keys}
     sweep = sorted(set(float(t) for t in sweep) | {float(params["threshold"])})
     sweep_counts = np.zeros((len(sweep), 3), np.int64)
     per_image, true_points, pred_points = [], [], []
@@ -400,13 +418,12 @@ def evaluate_detection(records, predict, params, radius, log, progress_every=10,
             raise EvaluationError(str(error)) from None
         density = np.asarray(predict(record)["mean"], np.float32)
         density = density[..., 0] if density.ndim == 3 else density
-        found = centroids_from_density(density, threshold=params["threshold"],
-                                       min_distance=params["min_distance"])
+        found = centroids_from_density(density, **params)
         scores = detection_scores(truth, found, radius)
         per_image.append({"name": record.name, "n_true": len(truth), "n_pred": len(found), **scores})
         for i, threshold in enumerate(sweep):
             points = found if threshold == float(params["threshold"]) else centroids_from_density(
-                density, threshold=threshold, min_distance=params["min_distance"])
+                density, **{**params, "threshold": threshold})
             s = detection_scores(truth, points, radius)
             sweep_counts[i] += [s["tp"], s["fp"], s["fn"]]
         true_points.append(truth)
@@ -510,7 +527,7 @@ def default_out(run, data=None, split="test", tta=False, tta_merge="mean"):
 
 
 def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, out=None,
-                 tta_merge="mean", progress_every=10, log=None):
+                 tta_merge="mean", progress_every=10, limit=None, log=None):
     """Evaluate ``run_dir``'s model; returns the metrics dict that is also written to
     ``out/metrics.json`` (with ``out``/``report`` keys giving where everything went).
 
@@ -518,7 +535,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     ``tta``: average the 8 dihedral views; ``tta_merge="vote"`` (segmentation) merges the
     8 views' instances by majority vote at IoU > 0.2 instead. ``mc_samples``: stochastic
     passes for MC-dropout models (default: config.json's mc_samples; ignored otherwise).
-    ``out``: default ``RUN/eval-<split or dataset>[-tta|-tta-vote]/``.
+    ``out``: default ``RUN/eval-<split or dataset>[-tta|-tta-vote]/``. ``limit``: only the
+    first ``limit`` images (a quick look; recorded in the options).
     """
     log = log or (lambda message: print(message, flush=True))
     started = time.time()
@@ -535,6 +553,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     if tta_merge == "vote" and task != "segmentation":
         raise EvaluationError(f"--tta-merge vote merges instances: segmentation runs only (this run: {task})")
     records, description = select_records(run, data, split)
+    if limit:
+        records = records[:int(limit)]
     out = os.path.abspath(out or default_out(run, data, split, tta, tta_merge))
 
     import keras
@@ -564,7 +584,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
 
     options = {"tta": bool(tta), "tta_transforms": settings.transforms,
                "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
-               "channels": channels, "input_multiple": settings.multiple}
+               "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None}
     if task == "segmentation":
         params = dict((run.thresholds.get("postprocess") or {}))
         if not params:
@@ -596,15 +616,28 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     else:
         raise EvaluationError(f"{run.path}/config.json: unknown task '{task}'")
 
-    result = {
+    result = _finite({
         "run": run.path, "task": task, "model": run.config["model"], "model_config": run.config.get("model_config"),
         "parameters": int(model.count_params()), **description, "images": len(records), "options": options,
         **metrics, "seconds": round(time.time() - started, 1), "kerasnuc_version": __version__,
         "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    })
     _write_outputs(out, result, records, artifacts, log)
     result["seconds"] = round(time.time() - started, 1)
     return result
+
+
+def _finite(value):
+    """NaN/inf -> None throughout (metrics.json stays strict JSON); NumPy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _write_outputs(out, result, records, artifacts, log):
@@ -672,6 +705,7 @@ def build_parser():
     parser.add_argument("--mc-samples", type=int, dest="mc_samples", metavar="T",
                         help="stochastic passes for Monte-Carlo dropout models (default: the run's config)")
     parser.add_argument("--out", help="output folder (default RUN_DIR/eval-<split or dataset>[-tta])")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (a quick look)")
     parser.add_argument("--progress-every", type=int, default=10, dest="progress_every", metavar="N",
                         help="print a progress line every N images (default 10)")
     return parser
@@ -684,7 +718,7 @@ def main(argv=None):
     try:
         evaluate_run(args.run_dir, data=args.data, split=args.split or "test", tta=args.tta,
                      mc_samples=args.mc_samples, out=args.out, tta_merge=args.tta_merge,
-                     progress_every=args.progress_every)
+                     progress_every=args.progress_every, limit=args.limit)
     except EvaluationError as error:
         sys.exit(f"training.evaluate: {error}")
     return 0

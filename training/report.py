@@ -194,6 +194,7 @@ def classification_figures(out_dir, result, records, artifacts):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"confusion matrix ({title})")
+    fig.tight_layout()
     figures.append((_save(fig, out_dir, "confusion_matrix.png"),
                     "Confusion matrix: rows true class, columns predicted class."))
 
