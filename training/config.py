@@ -134,8 +134,8 @@ def resolve(file_values=None, overrides=None):
     """Defaults, then file values, then explicit overrides (None means 'not given')."""
     values = FitConfig().to_dict()
     for source in (file_values or {}, overrides or {}):
-        if source.get("model") not in (None, values["model"]) and source.get("model_config") is None:
-            values["model_config"] = {}
+        if source.get("model") not in (None, values["model"]):
+            values["model_config"] = {}  # another family: start from its own defaults
         for key, value in source.items():
             if value is None:
                 continue
