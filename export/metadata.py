@@ -1,0 +1,362 @@
+"""What every export carries about the run it came from (one place for SavedModel, TFLite, serving).
+
+A run directory (``python -m training.fit``) holds ``config.json``, ``model.keras``,
+``thresholds.json``, ``split.json`` and, with stain normalisation, ``stain.json``.
+:func:`run_metadata` turns them into one JSON-able dict, written as
+``assets.extra/kerasnuc.json`` inside a SavedModel, returned by its ``metadata`` signature,
+and written as ``<file>.json`` beside a ``.tflite``. Consumers (``serving.client``,
+``serving.edge``) read these keys:
+
+=================  ===============================================================
+task               segmentation, detection or classification
+channels           model input channels (images are converted: RGB <-> grey)
+multiple           spatial sizes must be multiples of this (2**depth); 1 for patches
+tile               side of the training crops
+serving_tile       suggested tile side for tiled inference (multiple of ``multiple``)
+tile_margin        suggested margin cropped from each tile side: the measured
+                   ``receptive_radius`` rounded up to ``multiple``, at most 128
+receptive_radius   measured: how far (pixels) one input pixel changes the output;
+                   None if it reached the probe's border
+patch              classification: side of the patch centred on each nucleus
+class_names        classification: names of the output classes
+postprocess        tuned post-processing keyword arguments (thresholds.json)
+match_radius       detection/classification: matching radius used in evaluation
+stochastic         True for Monte-Carlo dropout models; ``mc_samples`` passes
+normalization      how pixels become model input (per-image min-max, see below)
+stain              fitted stain normaliser (kerasnuc.data.stain.normalizer_from_dict) or None
+=================  ===============================================================
+
+This module imports neither TensorFlow nor Keras at import time; :func:`load_model`
+and :func:`measure_receptive_radius` import Keras when called.
+"""
+
+import datetime
+import json
+import os
+
+FORMAT = "kerasnuc-export/1"
+
+NORMALIZATION = {
+    "method": "per_image_min_max",
+    "formula": "x = convert_channels(float32(image)); (x - min(x)) / max(max(x) - min(x), 1e-6)",
+    "convert_channels": "to 1 channel: mean over channels; to 3 channels: repeat grey",
+    "reference": "kerasnuc.data.intensity.normalize_image",
+    "tiles": "tiles and patches of a larger image use the whole image's (min, max) "
+             "(the intensity_range input of the *_with_range signatures)",
+}
+
+MAX_SERVING_MARGIN = 128
+
+
+class RunError(ValueError):
+    """A run directory is missing something an export needs (message says what)."""
+
+
+def read_json(path, default=None):
+    if not os.path.exists(path):
+        if default is not None:
+            return default
+        raise RunError(f"{path}: not found")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def write_json_atomic(path, data):
+    """JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def find_config(run_dir):
+    """config.json of a run; a cross-validation fold folder (run/foldK) uses its parent's."""
+    for folder in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
+        path = os.path.join(folder, "config.json")
+        if os.path.exists(path):
+            return path
+    raise RunError(f"{run_dir}: no config.json (is this a training.fit run directory?)")
+
+
+def load_run(run_dir):
+    """(config, thresholds, split) dicts of a run directory; checks that model.keras is there."""
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: run directory not found")
+    model_path = os.path.join(run_dir, "model.keras")
+    if not os.path.exists(model_path):
+        folds = sorted(d for d in os.listdir(run_dir) if d.startswith("fold")
+                       and os.path.exists(os.path.join(run_dir, d, "model.keras")))
+        hint = f"; this is a cross-validation run, export one fold: {run_dir}/{folds[0]}" if folds else ""
+        raise RunError(f"{run_dir}: no model.keras{hint}")
+    config = read_json(find_config(run_dir))
+    thresholds = read_json(os.path.join(run_dir, "thresholds.json"), default={})
+    split = read_json(os.path.join(run_dir, "split.json"), default={})
+    if "folds" in split and "train" not in split:
+        raise RunError(f"{run_dir}: split.json lists folds; export a fold folder (run/foldK)")
+    return config, thresholds, split
+
+
+def load_model(run_dir):
+    """The run's ``model.keras`` in Keras safe mode (kerasnuc layers registered first), uncompiled."""
+    import keras
+
+    import kerasnuc.models  # noqa: F401  (registers the custom layers)
+
+    return keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+
+
+def model_depth(config):
+    """Number of 2x down-samplings of the run's model (from its config or the builder default)."""
+    from kerasnuc import models
+
+    name = config.get("model", "unet")
+    depth = (config.get("model_config") or {}).get("depth")
+    if depth is None:
+        try:
+            depth = models.default_config(name).get("depth", 0)
+        except ValueError:
+            depth = 0
+    return int(depth or 0)
+
+
+def stain_of(run_dir):
+    """The fitted stain normaliser dict stored by training (stain.json), or None."""
+    for folder in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
+        path = os.path.join(folder, "stain.json")
+        if os.path.exists(path):
+            data = read_json(path)
+            return {k: v for k, v in data.items() if k in ("method", "params", "fitted")}
+    return None
+
+
+def class_names_of(config, num_classes):
+    """Class names for a classifier: from the training data's records, else class_0..K-1."""
+    names = ()
+    try:
+        from kerasnuc.data import load_dataset
+
+        for record in load_dataset(config["data"]):
+            if record.class_names:
+                names = tuple(record.class_names)
+                break
+    except Exception:  # data moved or unreadable: names are a convenience, not a necessity
+        names = ()
+    names = list(names)[:num_classes]
+    return names + [f"class_{i}" for i in range(len(names), num_classes)]
+
+
+def measure_receptive_radius(model, channels, multiple, size=128, max_size=1024):
+    """How far, in pixels, changing one input pixel changes the output (exact, by probing).
+
+    Two images that differ in the centre pixel only go through the model (Monte-Carlo
+    dropout switched off); the farthest output pixel that differs by more than float32
+    noise (1e-6 relative) gives the radius.
+    Tiles whose margin is at least this radius reproduce whole-image predictions.
+    None if the change reaches the border of a ``max_size`` probe.
+    """
+    import numpy as np
+
+    deterministic = deterministic_clone(model)
+    while size <= max_size:
+        size = int(np.ceil(size / multiple) * multiple)
+        base = np.zeros((1, size, size, channels), np.float32)
+        probe = base.copy()
+        centre = size // 2
+        probe[0, centre, centre, :] = 1.0
+        out = np.asarray(deterministic(np.concatenate([base, probe]), training=False))
+        # Identical inputs can differ in the last bits (position-dependent blocking in the
+        # convolutions), so "changed" means above float32 noise.
+        tolerance = 1e-6 * max(1.0, float(np.abs(out).max()))
+        changed = np.abs(out[0] - out[1]).reshape(size, size, -1).max(axis=-1) > tolerance
+        rows, cols = np.nonzero(changed)
+        if len(rows) == 0:
+            return 0
+        radius = int(max(np.abs(rows - centre).max(), np.abs(cols - centre).max()))
+        if radius < centre - 1:
+            return radius
+        size *= 2
+    return None
+
+
+def deterministic_clone(model):
+    """The model with Monte-Carlo dropout layers as ordinary (inference-off) Dropout, same weights."""
+    import keras
+
+    from kerasnuc.models import MCDropout, is_stochastic
+
+    if not is_stochastic(model):
+        return model
+
+    def clone(layer):
+        if isinstance(layer, MCDropout):
+            return keras.layers.Dropout(layer.rate, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def run_metadata(run_dir, model=None, measure=True):
+    """The metadata dict of a run (see the module docstring for the keys)."""
+    import keras
+
+    from kerasnuc import __version__
+    from kerasnuc.models import is_stochastic
+
+    config, thresholds, split = load_run(run_dir)
+    model = model if model is not None else load_model(run_dir)
+    task = config.get("task", "segmentation")
+    channels = int(config.get("channels", model.input_shape[-1] or 3))
+    meta = {
+        "format": FORMAT,
+        "kerasnuc_version": __version__,
+        "keras_version": keras.__version__,
+        "tensorflow_version": _tf_version(),
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": os.path.abspath(run_dir),
+        "task": task,
+        "model": config.get("model"),
+        "model_config": config.get("model_config") or {},
+        "channels": channels,
+        "tile": int(config.get("tile", 128)),
+        "patch": int(config.get("patch", 32)),
+        "postprocess": (thresholds.get("postprocess") or config.get("postprocess") or {}),
+        "postprocess_tuned_on": thresholds.get("tuned_on"),
+        "match_radius": float(config.get("match_radius", 6.0)),
+        "density_sigma": float(config.get("density_sigma", 2.0)),
+        "stochastic": bool(is_stochastic(model)),
+        "mc_samples": int(config.get("mc_samples", 10)),
+        "precision_used": config.get("precision_used", "float32"),
+        "normalization": NORMALIZATION,
+        "stain": stain_of(run_dir),
+        "data": config.get("data"),
+        "output_channels": int(model.output_shape[-1]),
+    }
+    if task == "classification":
+        patch = int(model.input_shape[1] or meta["patch"])
+        meta.update(multiple=1, patch=patch, serving_tile=patch, tile_margin=0, receptive_radius=None,
+                    class_names=class_names_of(config, int(model.output_shape[-1])))
+    else:
+        multiple = 2 ** model_depth(config)
+        radius = measure_receptive_radius(model, channels, multiple) if measure else None
+        wanted = MAX_SERVING_MARGIN if radius is None else min(radius, MAX_SERVING_MARGIN)
+        margin = int(-(-wanted // multiple) * multiple)
+        serving_tile = max(256, meta["tile"], 4 * margin)  # at least half of each tile is kept
+        serving_tile = int(-(-serving_tile // multiple) * multiple)
+        meta.update(multiple=multiple, serving_tile=serving_tile, tile_margin=margin,
+                    receptive_radius=radius, class_names=[])
+    return meta
+
+
+def _tf_version():
+    try:
+        import tensorflow as tf
+
+        return tf.__version__
+    except ImportError:
+        return None
+
+
+def records_of_split(run_dir, which, limit=None):
+    """The run's images of split ``which`` (train / val / test) as NucleiImage records.
+
+    Reads the data spec of config.json (and test_data for ``test:`` names); applies the
+    run's stain normaliser like training did.
+    """
+    from kerasnuc.data import load_dataset
+
+    config, _, split = load_run(run_dir)
+    names = list(split.get(which) or [])
+    if limit:
+        names = names[:limit]
+    if not names:
+        return []
+    wanted = set(names)
+    records = []
+    if any(not n.startswith("test:") for n in names):
+        records += [r for r in load_dataset(config["data"]) if r.name in wanted]
+    if config.get("test_data") and any(n.startswith("test:") for n in names):
+        for record in load_dataset(config["test_data"]):
+            record.name = f"test:{record.name}"
+            if record.name in wanted:
+                records.append(record)
+    by_name = {r.name: r for r in records}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise RunError(f"{run_dir}: {len(missing)} {which} images of split.json not found in the data "
+                       f"({config.get('data')}), e.g. {missing[0]}")
+    records = [by_name[n] for n in names]
+    stain = stain_of(run_dir)
+    if stain:
+        from kerasnuc.data.stain import normalizer_from_dict
+
+        normaliser = normalizer_from_dict(stain)
+        for record in records:
+            if record.channels == 3:
+                record.image = normaliser.transform(record.image)
+    return records
+
+
+def write_run(path, model, task=None, model_name=None, model_config=None, data="sample", split=None,
+              postprocess=None, **config):
+    """Write a run directory for a model built or trained outside ``training.fit``.
+
+    Gives it what the exporters read: ``model.keras``, ``config.json`` (task, model, channels,
+    tile, patch, data spec...), ``thresholds.json`` and ``split.json`` (default: a seeded
+    70/15/15 split of ``data``'s image names). Used by the tests to export tiny models.
+    """
+    from kerasnuc.data import load_dataset
+    from kerasnuc.data.splits import train_val_test_split
+
+    os.makedirs(path, exist_ok=True)
+    name = model_name or model.name
+    if task is None:
+        from kerasnuc import models
+
+        task = models.task_of(name)
+    channels = int(model.input_shape[-1])
+    resolved = {"task": task, "model": name, "model_config": dict(model_config or {}), "channels": channels,
+                "tile": 64, "patch": int(model.input_shape[1] or 32), "data": data, "test_data": "",
+                "mc_samples": 4, "match_radius": 6.0, "density_sigma": 2.0, "seed": 0,
+                "precision_used": "float32", "postprocess": dict(postprocess or {})}
+    resolved.update(config)
+    if split is None:
+        split = train_val_test_split([r.name for r in load_dataset(data)], 0.15, 0.15, seed=0)
+    model.save(os.path.join(path, "model.keras"))
+    write_json_atomic(os.path.join(path, "config.json"), resolved)
+    write_json_atomic(os.path.join(path, "split.json"), {"seed": 0, "grouped_by": "image", **split})
+    write_json_atomic(os.path.join(path, "thresholds.json"),
+                      {"postprocess": resolved["postprocess"], "tuned_on": None})
+    return path
+
+
+def nucleus_points(record):
+    """((K, 2) (x, y), (K,) classes or None) of a record: its classified points, else its
+    points, else the centroids of its instance labels (for calibrating / checking classifiers
+    on data without classes)."""
+    import numpy as np
+
+    from kerasnuc.data.pipeline import classified_points
+    from kerasnuc.data.targets import instance_centroids
+
+    points, classes = classified_points(record)
+    if len(points):
+        return points, classes
+    if record.points is not None:
+        return np.asarray(record.points, dtype=np.float64).reshape(-1, 2), None
+    if record.labels is not None:
+        return instance_centroids(record.labels)[0], None
+    return np.zeros((0, 2)), None

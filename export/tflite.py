@@ -1,0 +1,440 @@
+"""Export a training run as a LiteRT (``.tflite``) model, with metadata and an agreement report.
+
+    python -m export.tflite RUN_DIR --quantize {float32,float16,dynamic,int8} [--out PATH]
+
+writes ``PATH`` (default ``RUN_DIR/export/<model>_<quantize>.tflite``) and beside it:
+
+* ``<stem>.json``: the metadata ``serving.edge`` needs (task, channels, input multiple,
+  tile sizes, tuned thresholds, class names, input quantisation) plus what was converted;
+* ``<stem>.report.json`` / ``.report.md``: file size; agreement with the Keras model on
+  the run's held-out (test split) images: max |difference| of the maps, Dice / object F1 of
+  the post-processed nuclei (segmentation), F1 of the centres (detection) or label
+  agreement (classification), and the same scores against the truth for both; LiteRT
+  latency per image (``ai_edge_litert.interpreter.Interpreter``, median of repeats).
+
+What the .tflite computes: the Keras model only; its input is the *normalised* image
+(float32 in [0, 1]; for ``int8`` uint8 with the quantisation stored in the input tensor,
+scale ~1/255, zero point 0). Normalisation (per-image min-max) happens in
+``serving.edge`` with NumPy, exactly as in training.
+
+Quantisation: ``float16`` weights; ``dynamic`` int8 weights, float activations; ``int8``
+full-integer (weights and activations, uint8 input and output), calibrated by a
+representative dataset of crops (patches for classifiers) of the run's *training* images
+(split.json + the data spec in config.json, stain-normalised like training).
+
+Conversion goes through a float32 copy of the model when needed: a model trained under a
+mixed-precision policy is rebuilt from its config under float32 and given the same
+weights; Monte-Carlo dropout (``kerasnuc.models.MCDropout``, which emits Keras' stateless
+RNG ops that LiteRT cannot run) is swapped for :class:`LiteStochasticDropout`, the same
+inverted dropout written with ``tf.random.uniform`` (LiteRT's RANDOM_UNIFORM builtin).
+The export checks that the converted model is still stochastic in LiteRT and records it.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
+
+
+@keras.saving.register_keras_serializable(package="kerasnuc_export")
+class LiteStochasticDropout(keras.layers.Dropout):
+    """Inverted dropout that is always on, written with TF ops that LiteRT has (RANDOM_UNIFORM).
+
+    Same distribution as :class:`kerasnuc.models.MCDropout` (keep with probability
+    ``1 - rate``, scale kept values by ``1 / (1 - rate)``), a different random stream.
+    TensorFlow backend only: used for conversion, never for training.
+    """
+
+    def call(self, inputs, training=None):
+        keep = tf.cast(tf.random.uniform(tf.shape(inputs), dtype=tf.float32) >= self.rate, inputs.dtype)
+        return inputs * keep / tf.cast(1.0 - self.rate, inputs.dtype)
+
+
+def _is_mixed(model):
+    return any(getattr(layer, "dtype_policy", None) is not None
+               and layer.dtype_policy.compute_dtype != "float32" for layer in model.layers)
+
+
+def conversion_model(model):
+    """(model to convert, notes): a float32, LiteRT-convertible copy where one is needed."""
+    from kerasnuc.models import is_stochastic
+
+    mixed, stochastic = _is_mixed(model), is_stochastic(model)
+    if not (mixed or stochastic):
+        return model, []
+    config = model.get_config()
+    notes = []
+    for layer in config["layers"]:
+        if layer.get("class_name") == "MCDropout" or layer.get("registered_name") == "kerasnuc>MCDropout":
+            layer.update(class_name="LiteStochasticDropout", module="export.tflite",
+                         registered_name="kerasnuc_export>LiteStochasticDropout")
+        dtype = layer.get("config", {}).get("dtype")
+        if mixed and dtype is not None and "mixed" in json.dumps(dtype):
+            layer["config"]["dtype"] = "float32"
+    if mixed:
+        notes.append("mixed-precision model rebuilt under float32 with the same weights")
+    if stochastic:
+        notes.append("MCDropout swapped for LiteStochasticDropout (tf.random.uniform -> LiteRT RANDOM_UNIFORM)")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.Model.from_config(config, custom_objects={
+            "LiteStochasticDropout": LiteStochasticDropout})
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy, notes
+
+
+def representative_inputs(run_dir, meta, count=64, seed=0):
+    """``count`` normalised float32 crops (or nucleus patches) of the run's training images."""
+    from export.metadata import records_of_split
+    from serving.tiling import normalize_image, pad_to_multiple
+
+    records = records_of_split(run_dir, "train")
+    if not records:
+        raise ValueError(f"{run_dir}: split.json has no training images to calibrate int8 with")
+    rng = np.random.default_rng(seed)
+    channels = meta["channels"]
+    if meta["task"] == "classification":
+        patches, _ = nucleus_patches(records, meta)
+        if not len(patches):
+            raise ValueError(f"{run_dir}: no nuclei in the training images to calibrate int8 with")
+        chosen = rng.choice(len(patches), size=min(count, len(patches)), replace=False)
+        return [patches[i:i + 1] for i in chosen]
+    size = int(meta["tile"])
+    samples = []
+    for _ in range(count):
+        record = records[int(rng.integers(len(records)))]
+        x = normalize_image(record.image, channels)
+        x = pad_to_multiple(x, meta["multiple"])
+        if min(x.shape[:2]) < size:
+            x = np.pad(x, ((0, max(0, size - x.shape[0])), (0, max(0, size - x.shape[1])), (0, 0)),
+                       mode="reflect")
+        top = int(rng.integers(x.shape[0] - size + 1))
+        left = int(rng.integers(x.shape[1] - size + 1))
+        samples.append(x[None, top:top + size, left:left + size].astype(np.float32))
+    return samples
+
+
+def nucleus_patches(records, meta):
+    """(N, patch, patch, C) normalised patches at every nucleus of the records, (N,) classes or None.
+
+    Patches are normalised with their whole image's range, as ClassificationDataset does;
+    nuclei are the classified points, else points, else instance centroids.
+    """
+    from export.metadata import nucleus_points
+    from serving.tiling import intensity_range, normalize_with_range, patches_at
+
+    patches, classes, known = [], [], True
+    for record in records:
+        points, labels = nucleus_points(record)
+        if not len(points):
+            continue
+        value_range = intensity_range(record.image, meta["channels"])
+        patches.append(normalize_with_range(patches_at(record.image, points, meta["patch"]),
+                                            meta["channels"], value_range))
+        known = known and labels is not None
+        classes.append(labels if labels is not None else np.zeros(len(points), np.int64))
+    if not patches:
+        return np.zeros((0, meta["patch"], meta["patch"], meta["channels"]), np.float32), None
+    return np.concatenate(patches).astype(np.float32), (np.concatenate(classes) if known else None)
+
+
+def convert(model, quantize, representative=None):
+    """.tflite bytes of a (convertible) Keras model in one of QUANTIZATIONS."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got '{quantize}'")
+    # (from_concrete_functions would skip the temporary SavedModel that from_keras_model
+    # writes, but gave NaN maps with Keras 3 variables: not used.)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantize == "int8":
+        if not representative:
+            raise ValueError("int8 needs representative inputs")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x] for x in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def _io_details(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    details = {}
+    for key, info in (("input", interpreter.get_input_details()[0]),
+                      ("output", interpreter.get_output_details()[0])):
+        details[key] = {"dtype": np.dtype(info["dtype"]).name,
+                        "shape": [int(s) for s in info["shape_signature"]],
+                        "quantization": [float(info["quantization"][0]), int(info["quantization"][1])]}
+    return details
+
+
+def check_stochastic(lite, meta):
+    """True if two LiteRT runs on the same input differ (Monte-Carlo dropout survived conversion)."""
+    if meta["task"] == "classification":
+        x = np.full((1, meta["patch"], meta["patch"], meta["channels"]), 0.5, np.float32)
+    else:
+        size = max(meta["multiple"] * 2, 32)
+        x = np.random.default_rng(0).random((1, size, size, meta["channels"])).astype(np.float32)
+    return bool(np.abs(lite.run(x) - lite.run(x)).max() > 0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _keras_maps(model, image, meta, samples):
+    from kerasnuc.inference import predict_maps
+
+    maps = [predict_maps(model, image, meta["channels"], meta["multiple"]) for _ in range(samples)]
+    return np.mean(maps, axis=0).astype(np.float32)
+
+
+def _truth_points(record):
+    from kerasnuc.data.targets import instance_centroids
+
+    if record.points is not None:
+        return np.asarray(record.points, dtype=np.float64).reshape(-1, 2)
+    if record.labels is not None:
+        return instance_centroids(record.labels)[0]
+    return None
+
+
+def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=None, split="test",
+             records=None):
+    """Agreement of the .tflite with the Keras model and LiteRT latency on held-out images."""
+    from export.metadata import records_of_split
+    from kerasnuc import metrics
+    from serving.edge import LiteModel, centroids, instances
+
+    lite = LiteModel(path, meta, num_threads=threads)
+    if records is None:
+        records = records_of_split(run_dir, split, limit=max_images)
+        if not records:
+            split = "val"
+            records = records_of_split(run_dir, split, limit=max_images)
+    samples = meta["mc_samples"] if meta["stochastic"] else 1
+    post = meta.get("postprocess") or {}
+    rows, latencies = [], []
+    task = meta["task"]
+    if task == "classification":
+        patches, truth = nucleus_patches(records, meta)
+        keras_prob = np.mean([model.predict(patches, verbose=0) for _ in range(samples)], axis=0)
+        lite_prob = np.concatenate([np.mean([lite.run(patches[i:i + 64]) for _ in range(samples)], axis=0)
+                                    for i in range(0, len(patches), 64)])
+        lite.run(patches[:1])
+        for _ in range(repeats):
+            started = time.perf_counter()
+            lite.run(patches[:1])
+            latencies.append(time.perf_counter() - started)
+        keras_cls, lite_cls = keras_prob.argmax(-1), lite_prob.argmax(-1)
+        summary = {
+            "nuclei": int(len(patches)),
+            "label_agreement": float(np.mean(keras_cls == lite_cls)),
+            "max_abs_diff": float(np.abs(keras_prob - lite_prob).max()),
+            "mean_abs_diff": float(np.abs(keras_prob - lite_prob).mean()),
+            "latency_ms_per_patch": 1000 * float(np.median(latencies)),
+        }
+        if truth is not None:
+            summary["accuracy_keras"] = float(np.mean(keras_cls == truth))
+            summary["accuracy_tflite"] = float(np.mean(lite_cls == truth))
+        return {"split": split, "images": len(records), "mc_samples": samples, "summary": summary,
+                "per_image": []}
+
+    for record in records:
+        keras_map = _keras_maps(model, record.image, meta, samples)
+        lite_map, _ = lite.predict_maps(record.image, tile=0, samples=samples)
+        times = []
+        x = normalize_padded(record.image, meta)
+        lite.run(x)  # warm-up for this shape
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(samples):
+                lite.run(x)
+            times.append(time.perf_counter() - started)
+        row = {"name": record.name, "shape": list(record.image.shape[:2]),
+               "max_abs_diff": float(np.abs(keras_map - lite_map).max()),
+               "mean_abs_diff": float(np.abs(keras_map - lite_map).mean()),
+               "latency_ms": 1000 * float(np.median(times))}
+        if task == "segmentation":
+            keras_labels, lite_labels = instances(keras_map, post), instances(lite_map, post)
+            row["dice_vs_keras"] = float(metrics.pixel_dice(keras_labels > 0, lite_labels > 0))
+            row["object_f1_vs_keras"] = float(metrics.object_scores(keras_labels, lite_labels)["f1"])
+            if record.labels is not None:
+                truth = record.labels
+                row["dice_keras"] = float(metrics.pixel_dice(truth > 0, keras_labels > 0))
+                row["dice_tflite"] = float(metrics.pixel_dice(truth > 0, lite_labels > 0))
+                row["aji_keras"] = float(metrics.aggregated_jaccard_index(truth, keras_labels))
+                row["aji_tflite"] = float(metrics.aggregated_jaccard_index(truth, lite_labels))
+        else:
+            channel = (lambda m: m[..., 0]) if keras_map.shape[-1] == 1 else (lambda m: m.max(axis=-1))
+            keras_points, lite_points = centroids(channel(keras_map), post), centroids(channel(lite_map), post)
+            radius = meta.get("match_radius", 6.0)
+            row["f1_vs_keras"] = float(metrics.detection_scores(keras_points, lite_points, radius)["f1"])
+            truth = _truth_points(record)
+            if truth is not None:
+                row["f1_keras"] = float(metrics.detection_scores(truth, keras_points, radius)["f1"])
+                row["f1_tflite"] = float(metrics.detection_scores(truth, lite_points, radius)["f1"])
+        rows.append(row)
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if rows:
+        summary["max_abs_diff"] = float(np.max([r["max_abs_diff"] for r in rows]))
+        pixels = sum(r["shape"][0] * r["shape"][1] for r in rows)
+        summary["latency_ms_per_megapixel"] = float(sum(r["latency_ms"] for r in rows) / pixels * 1e6)
+        summary["latency_ms_median"] = float(np.median([r["latency_ms"] for r in rows]))
+    return {"split": split, "images": len(rows), "mc_samples": samples, "summary": summary, "per_image": rows}
+
+
+def normalize_padded(image, meta):
+    from serving.tiling import normalize_image, pad_to_multiple
+
+    return pad_to_multiple(normalize_image(image, meta["channels"]), meta["multiple"])[None]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def default_output(run_dir, meta, quantize):
+    return os.path.join(run_dir, "export", f"{meta['model'] or 'model'}_{quantize}.tflite")
+
+
+def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats=3, threads=None,
+                  max_images=None, evaluate_model=True, log=None):
+    """Convert, write ``out`` + metadata + report; returns (path, report dict)."""
+    from export.metadata import load_model, run_metadata, write_json_atomic
+    from serving.edge import LiteModel
+
+    log = log or (lambda message: print(message, flush=True))
+    model = load_model(run_dir)
+    meta = run_metadata(run_dir, model)
+    out = out or default_output(run_dir, meta, quantize)
+    if not out.endswith(".tflite"):
+        raise ValueError(f"--out must end in .tflite, got {out}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    convertible, notes = conversion_model(model)
+    representative = None
+    started = time.time()
+    if quantize == "int8":
+        representative = representative_inputs(run_dir, meta, calibration)
+        notes.append(f"int8 calibrated on {len(representative)} {meta['tile'] if meta['task'] != 'classification' else meta['patch']}px "
+                     f"crops of the training split")
+    content = convert(convertible, quantize, representative)
+    convert_seconds = time.time() - started
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(content)
+    os.replace(tmp, out)
+    io = _io_details(out)
+    meta["tflite"] = {"quantize": quantize, "input_is": "normalised image (see normalization)",
+                      **io, "notes": notes}
+    lite = LiteModel(out, meta)
+    if meta["stochastic"]:
+        meta["tflite"]["stochastic_in_litert"] = check_stochastic(lite, meta)
+        if not meta["tflite"]["stochastic_in_litert"]:
+            log("warning: the converted Monte-Carlo model is deterministic in LiteRT")
+    base = os.path.splitext(out)[0]
+    write_json_atomic(base + ".json", meta)
+    report = {"file": os.path.abspath(out), "quantize": quantize, "bytes": len(content),
+              "megabytes": round(len(content) / 2 ** 20, 3), "convert_seconds": round(convert_seconds, 1),
+              "keras_params": int(model.count_params()), "io": io, "notes": notes,
+              "litert_threads": threads, "machine": machine_info()}
+    if meta["stochastic"]:
+        report["stochastic_in_litert"] = meta["tflite"]["stochastic_in_litert"]
+    if evaluate_model:
+        report["agreement"] = evaluate(out, model, run_dir, meta, repeats=repeats, threads=threads,
+                                       max_images=max_images)
+    write_json_atomic(base + ".report.json", report)
+    with open(base + ".report.md", "w") as handle:
+        handle.write(report_markdown(report, meta))
+    log(f"wrote {out} ({report['megabytes']} MB, {quantize}); metadata {base}.json; report {base}.report.md")
+    if evaluate_model:
+        s = report["agreement"]["summary"]
+        log("agreement with Keras: " + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
+    return out, report
+
+
+def machine_info():
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__}
+    try:
+        import ai_edge_litert
+
+        info["ai_edge_litert"] = getattr(ai_edge_litert, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def report_markdown(report, meta):
+    lines = [f"# TFLite export: {os.path.basename(report['file'])}", "",
+             f"- model: {meta['model']} ({meta['task']}), run `{meta['run_dir']}`",
+             f"- quantisation: **{report['quantize']}**, {report['bytes']:,} bytes "
+             f"({report['megabytes']} MB), Keras parameters {report['keras_params']:,}",
+             f"- input: {report['io']['input']['dtype']} {report['io']['input']['shape']} "
+             f"quantisation {report['io']['input']['quantization']}; output: {report['io']['output']['dtype']} "
+             f"quantisation {report['io']['output']['quantization']}"]
+    for note in report["notes"]:
+        lines.append(f"- {note}")
+    if "stochastic_in_litert" in report:
+        lines.append(f"- Monte-Carlo dropout stochastic in LiteRT: {report['stochastic_in_litert']}")
+    agreement = report.get("agreement")
+    if agreement:
+        lines += ["", f"## Agreement with the Keras model ({agreement['images']} {agreement['split']} images"
+                      f"{', mean of %d passes' % agreement['mc_samples'] if agreement['mc_samples'] > 1 else ''})",
+                  "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in agreement["summary"].items()]
+    machine = report["machine"]
+    lines += ["", f"Machine: {machine.get('cpu_model', machine['processor'])}, {machine['cpus']} CPUs, "
+                  f"{machine['platform']}; LiteRT threads {report['litert_threads'] or 'default'}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m export.tflite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="float32")
+    parser.add_argument("--out", help="output .tflite (default RUN_DIR/export/<model>_<quantize>.tflite)")
+    parser.add_argument("--calibration", type=int, default=64, help="int8: representative crops (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="latency: runs per image, median (default 3)")
+    parser.add_argument("--threads", type=int, help="LiteRT threads for the report (default: runtime's choice)")
+    parser.add_argument("--max-images", type=int, dest="max_images", help="evaluate on at most this many test images")
+    parser.add_argument("--no-report", action="store_true", help="skip the agreement/latency evaluation")
+    args = parser.parse_args(argv)
+    from export.metadata import RunError
+
+    try:
+        export_tflite(args.run_dir, args.quantize, args.out, args.calibration, args.repeats, args.threads,
+                      args.max_images, evaluate_model=not args.no_report)
+    except (RunError, ValueError) as error:
+        sys.exit(f"export.tflite: {error}")
+
+
+if __name__ == "__main__":
+    main()

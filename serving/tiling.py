@@ -1,0 +1,180 @@
+"""Tiling, stitching, normalisation and patch cutting for the serving client and the edge runner.
+
+NumPy only (no TensorFlow, no OpenCV), so it runs wherever LiteRT runs.
+
+Why tiles reproduce the whole image exactly: the image is first padded to the model's
+multiple (the rule of ``kerasnuc.inference.pad_to_multiple``), tiles start at multiples
+of it (so every tile sees the same max-pooling grid as the whole image), every tile is
+normalised with the *whole* image's min and max (training normalised whole images), and
+each tile keeps only its centre: neighbouring tiles overlap by at least ``2 * margin`` and
+split the overlap in the middle. With ``margin`` at least the network's reach (the
+``receptive_radius`` in the export metadata) the stitched map equals the whole-image
+prediction up to float32 noise.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["TilePlan", "convert_channels", "intensity_range", "normalize_with_range",
+           "normalize_image", "pad_to_multiple", "reflect_indices", "patches_at"]
+
+
+def convert_channels(image, channels):
+    """(H, W[, C]) (or a (N, H, W, C) stack) -> float32 with ``channels`` channels: grey = mean
+    of RGB, RGB = repeated grey; a 4th (alpha) channel is dropped."""
+    x = np.asarray(image)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim < 3 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected (H, W) or (..., H, W, 1|3|4) pixels, got shape {x.shape}")
+    x = x.astype(np.float32)
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    if channels == 1 and x.shape[-1] == 3:
+        x = x.mean(axis=-1, keepdims=True)
+    elif channels == 3 and x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def intensity_range(image, channels):
+    """(min, max) of the image after channel conversion, as ``normalize_image`` uses them."""
+    x = convert_channels(image, channels)
+    return float(x.min()), float(x.max())
+
+
+def normalize_with_range(image, channels, value_range):
+    """Float32 model input of (a part of) an image, normalised with the given (min, max)."""
+    low, high = value_range
+    return (convert_channels(image, channels) - low) / max(high - low, 1e-6)
+
+
+def normalize_image(image, channels):
+    """Same arithmetic as ``kerasnuc.data.intensity.normalize_image`` (per-image min-max)."""
+    return normalize_with_range(image, channels, intensity_range(image, channels))
+
+
+def pad_to_multiple(image, multiple):
+    """Pad (H, W, C) at the bottom/right to multiples: reflect where the image is larger than
+    the padding, else edge (the rule of ``kerasnuc.inference.pad_to_multiple``)."""
+    height, width = image.shape[:2]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if not (pad_h or pad_w):
+        return image
+    mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "edge"
+    widths = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (image.ndim - 2)
+    return np.pad(image, widths, mode=mode)
+
+
+def reflect_indices(indices, size):
+    """Indices mirrored into [0, size) without repeating the edge (np.pad "reflect")."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if size == 1:
+        return np.zeros_like(indices)
+    period = 2 * (size - 1)
+    indices = np.mod(indices, period)
+    return np.where(indices >= size, period - indices, indices)
+
+
+def _starts_and_cuts(length, tile, margin):
+    """Tile starts along one axis and the [lo, hi) part of the axis each tile keeps."""
+    if length <= tile:
+        return [0], [(0, length)]
+    step = tile - 2 * margin
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    starts = sorted(set(starts))
+    cuts = []
+    for i, start in enumerate(starts):
+        lo = 0 if i == 0 else (starts[i - 1] + tile + start) // 2
+        hi = length if i == len(starts) - 1 else (start + tile + starts[i + 1]) // 2
+        cuts.append((lo, hi))
+    return starts, cuts
+
+
+@dataclass
+class TilePlan:
+    """Where the tiles of one (height, width) image go.
+
+    ``tile`` and ``margin`` are rounded up to multiples of ``multiple``; ``tile`` must
+    exceed ``2 * margin``. Every tile has the same shape ``tile_shape`` (smaller than
+    ``tile`` only where the padded image is), so tiles can be batched.
+    """
+
+    height: int
+    width: int
+    tile: int = 256
+    margin: int = 32
+    multiple: int = 16
+    tiles: list = field(init=False)
+    tile_shape: tuple = field(init=False)
+    padded_shape: tuple = field(init=False)
+
+    def __post_init__(self):
+        m = max(int(self.multiple), 1)
+        self.tile = int(-(-int(self.tile) // m) * m)
+        self.margin = int(-(-int(self.margin) // m) * m)
+        if self.tile <= 2 * self.margin:
+            raise ValueError(f"tile {self.tile} must be larger than twice the margin {self.margin}")
+        self.padded_shape = (int(-(-self.height // m) * m), int(-(-self.width // m) * m))
+        rows, row_cuts = _starts_and_cuts(self.padded_shape[0], self.tile, self.margin)
+        cols, col_cuts = _starts_and_cuts(self.padded_shape[1], self.tile, self.margin)
+        self.tile_shape = (min(self.tile, self.padded_shape[0]), min(self.tile, self.padded_shape[1]))
+        self.tiles = [(top, left, rcut, ccut) for top, rcut in zip(rows, row_cuts)
+                      for left, ccut in zip(cols, col_cuts)]
+
+    def __len__(self):
+        return len(self.tiles)
+
+    def pad(self, image):
+        """The image padded to the plan's padded shape."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape[:2] != (self.height, self.width):
+            raise ValueError(f"image is {image.shape[:2]}, plan is for {(self.height, self.width)}")
+        return pad_to_multiple(image, self.multiple)
+
+    def extract(self, padded, indices):
+        """(N, tile_h, tile_w, C) stack of tiles ``indices`` cut from the padded image."""
+        th, tw = self.tile_shape
+        return np.stack([padded[top:top + th, left:left + tw] for top, left, _, _ in
+                         (self.tiles[i] for i in indices)])
+
+    def batches(self, batch_size):
+        """Tile indices in groups of at most ``batch_size``."""
+        indices = list(range(len(self.tiles)))
+        return [indices[i:i + batch_size] for i in range(0, len(indices), max(1, batch_size))]
+
+    def stitch(self, outputs):
+        """(H, W, K) map from one (tile_h, tile_w, K) output per tile, in plan order."""
+        if len(outputs) != len(self.tiles):
+            raise ValueError(f"{len(outputs)} tile outputs for {len(self.tiles)} tiles")
+        first = np.asarray(outputs[0])
+        result = np.zeros(self.padded_shape + first.shape[2:], dtype=first.dtype)
+        for (top, left, (r0, r1), (c0, c1)), out in zip(self.tiles, outputs):
+            result[r0:r1, c0:c1] = np.asarray(out)[r0 - top:r1 - top, c0 - left:c1 - left]
+        return result[:self.height, :self.width]
+
+
+def patches_at(image, points, size):
+    """(K, size, size, C) patches of an (H, W, C) image centred on (x, y) points.
+
+    The centre pixel of a point is the nearest pixel (x = c - 0.5 goes to column c),
+    clipped into the image; out-of-image pixels are mirror-reflected: the rule of
+    ``kerasnuc.data.pipeline.ClassificationDataset.patch_at``.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    height, width = image.shape[:2]
+    out = np.zeros((len(points), size, size, image.shape[2]), image.dtype)
+    offsets = np.arange(size) - size // 2
+    for k, (x, y) in enumerate(points):
+        row = int(np.clip(np.floor(y + 0.5), 0, height - 1))
+        col = int(np.clip(np.floor(x + 0.5), 0, width - 1))
+        rows = reflect_indices(row + offsets, height)
+        cols = reflect_indices(col + offsets, width)
+        out[k] = image[rows][:, cols]
+    return out
