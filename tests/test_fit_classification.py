@@ -36,11 +36,19 @@ def crc_spec(shared_data, tmp_path_factory):
     return small_crc(shared_data, tmp_path_factory.mktemp("data") / "crc")
 
 
+def tiny_config(**overrides):
+    # The model comes as a config file would give it: the defaults' U-Net model_config is
+    # then dropped rather than merged into the classifier's.
+    return resolve({"task": "classification", "model": TINY["model"]}, {**TINY, **overrides})
+
+
 @pytest.fixture(scope="module")
 def classification_run(crc_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dcrn"
     messages = []
-    path = fit.run(resolve(overrides={**TINY, "data": crc_spec, "out": str(out)}), log=messages.append)
+    config = tiny_config(data=crc_spec, out=str(out))
+    assert config.model_config == TINY["model_config"]
+    path = fit.run(config, log=messages.append)
     return path, messages
 
 
@@ -94,5 +102,5 @@ def test_evaluation_scores_a_perfect_and_a_wrong_classifier():
 
 def test_a_segmentation_model_is_refused(crc_spec, tmp_path):
     with pytest.raises(ValueError, match="patch classifier"):
-        fit.run(resolve(overrides={**TINY, "model": "unet", "model_config": {}, "data": crc_spec,
-                                   "out": str(tmp_path / "x")}), log=lambda m: None)
+        fit.run(resolve({"model": "unet"}, {**TINY, "model": "unet", "model_config": {}, "data": crc_spec,
+                                            "out": str(tmp_path / "x")}), log=lambda m: None)

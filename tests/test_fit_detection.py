@@ -39,7 +39,9 @@ def crc_spec(shared_data, tmp_path_factory):
 def detection_run(crc_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "udnet"
     messages = []
-    path = fit.run(resolve(overrides={**TINY, "data": crc_spec, "out": str(out)}), log=messages.append)
+    config = resolve({"task": "detection", "model": "udnet"}, {**TINY, "data": crc_spec, "out": str(out)})
+    assert config.model_config == TINY["model_config"]
+    path = fit.run(config, log=messages.append)
     return path, messages
 
 
