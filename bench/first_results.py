@@ -47,7 +47,8 @@ def main():
         "postprocess": thresholds["postprocess"], "validation_aji": thresholds["validation_aji"],
         "metrics": {k: mean[k] for k in ("dice", "dice_pooled", "iou", "aji", "aji_plus", "pq", "dq", "sq",
                                          "precision", "recall", "f1", "f1_dice02") if k in mean},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "date": time.strftime("%Y-%m-%d"),
     }
     os.makedirs(args.results, exist_ok=True)
@@ -65,7 +66,8 @@ Command: `{result['command']}` (config `{result['config']}`), run folder `{args.
 - Post-processing tuned on validation (mean AJI {result['validation_aji']:.3f}): {json.dumps(result['postprocess'])}; instances by
   marker-controlled watershed.
 - Training time {result['train_seconds']:.0f} s, whole run {result['wall_seconds']:.0f} s on {result['machine']['cpus']} CPU cores
-  ({result['machine']['platform']}), {result['date']}.
+  ({result['machine']['platform']}), {result['date']}; load average at the end
+  {result['machine']['load_average_at_end']} (above 2 means the cores were shared and times are inflated).
 
 Mean over the test images (pixel Dice/IoU on foreground; AJI, AJI+, PQ and object P/R/F1 at IoU 0.5 on instances;
 `dice_pooled` is the Dice of all test pixels together; `f1_dice02` counts a match at Dice > 0.2):
