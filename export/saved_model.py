@@ -26,8 +26,9 @@ Monte-Carlo dropout models
     (``tf.map_fn``) -> ``mean`` and ``variance`` (population variance over the passes).
     ``serving_default`` is one stochastic pass.
 every model
-    ``metadata``: no inputs -> ``kerasnuc_json`` string scalar (the same JSON as
-    ``assets.extra/kerasnuc.json``: task, channels, classes, tile, thresholds, version).
+    ``metadata``: no inputs -> ``kerasnuc_json`` string scalar: the JSON of
+    ``assets.extra/kerasnuc.json`` (task, channels, classes, tiles, thresholds, versions; see
+    :mod:`export.metadata`) except ``version``, which is only fixed when the folder is published.
 """
 
 import argparse

@@ -54,18 +54,24 @@ def load_metadata(model_path, path=None):
 
 
 class LiteModel:
-    """A .tflite model with its metadata: normalised batches in, dequantised float32 out."""
+    """A .tflite model with its metadata: normalised batches in, dequantised float32 out.
 
-    def __init__(self, path, meta=None, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter
+    ``xnnpack=False`` runs LiteRT's builtin kernels without the default XNNPACK delegate.
+    """
+
+    def __init__(self, path, meta=None, num_threads=None, xnnpack=True):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.path = path
         self.meta = meta if meta is not None else load_metadata(path)
-        self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
+                                       experimental_op_resolver_type=resolver)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
-        self._shape = tuple(self.input["shape"])
+        # Tensors are allocated at the first run, for its shape: a model with dynamic height
+        # and width has a placeholder 1x1 input that builtin kernels refuse to prepare.
+        self._shape = None
 
     @property
     def input_dtype(self):
@@ -73,7 +79,8 @@ class LiteModel:
 
     def _resize(self, shape):
         if tuple(shape) != self._shape:
-            self.interpreter.resize_tensor_input(self.input["index"], list(shape), strict=False)
+            if tuple(shape) != tuple(self.input["shape"]):
+                self.interpreter.resize_tensor_input(self.input["index"], list(shape), strict=False)
             self.interpreter.allocate_tensors()
             self.input = self.interpreter.get_input_details()[0]
             self.output = self.interpreter.get_output_details()[0]

@@ -185,3 +185,33 @@ def test_client_retries_unavailable_then_gives_up():
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert client.retried == 3 and client.requests == 4 and time.time() - started < 30
     client.close()
+
+
+def test_client_with_classifier_and_mc_models(served):
+    from serving.tiling import intensity_range, normalize_with_range, patches_at
+
+    root = os.path.dirname(served["base"])
+    keras.utils.set_random_seed(4)
+    dcrn = models.build("dcrn", input_shape=(16, 16, 3), num_classes=3, blocks=2, layers_per_block=2,
+                        growth=4, initial_filters=8, steps=1)
+    mc = models.build("mc_unet", input_shape=(None, None, 3), filters=4, depth=2)
+    sm.export_saved_model(write_run(os.path.join(root, "dcrn_run"), dcrn, task="classification",
+                                    model_name="dcrn", patch=16), served["base"], log=lambda m: None)
+    sm.export_saved_model(write_run(os.path.join(root, "mc_run"), mc, model_config={"filters": 4, "depth": 2},
+                                    mc_samples=5), served["base"], name="mc", log=lambda m: None)
+    deadline = time.time() + 60
+    while time.time() < deadline and not {"dcrn", "mc"} <= set(served["registry"].models()):
+        time.sleep(0.2)
+    image = np.random.default_rng(6).integers(0, 90, size=(70, 100, 3), dtype=np.uint8)
+    points = np.array([[5.0, 5.0], [50.2, 30.7], [99.0, 69.0]])
+    with ServingClient(served["target"], "dcrn") as client:
+        assert client.meta["task"] == "classification" and len(client.meta["class_names"]) == 3
+        probabilities = client.classify(image, points)
+    patches = normalize_with_range(patches_at(image, points, 16), 3, intensity_range(image, 3))
+    np.testing.assert_allclose(probabilities, dcrn.predict(patches, verbose=0), atol=1e-5)
+
+    with ServingClient(served["target"], "mc") as client:
+        assert client.meta["stochastic"]
+        mean, variance = client.predict_maps(image, tile=64, margin=16)  # uncertainty_with_range, tiled
+    assert mean.shape == variance.shape == (70, 100, 1)
+    assert variance.max() > 0 and np.all(variance >= 0) and np.all((mean >= 0) & (mean <= 1))
