@@ -32,7 +32,7 @@ class FitConfig:
     """Optional dataset spec scored as the held-out test set (then 'data' is split into train/val only)."""
     channels: int = 3
     """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 8
     tile: int = 128
     """Side of the square training crops; must be divisible by 2**depth."""
