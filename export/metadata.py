@@ -52,9 +52,13 @@ class RunError(ValueError):
     """A run directory is missing something an export needs (message says what)."""
 
 
-def read_json(path, default=None):
+_REQUIRED = object()
+
+
+def read_json(path, default=_REQUIRED):
+    """A JSON file's content; ``default`` if it does not exist (RunError without a default)."""
     if not os.path.exists(path):
-        if default is not None:
+        if default is not _REQUIRED:
             return default
         raise RunError(f"{path}: not found")
     with open(path) as handle:
@@ -141,18 +145,22 @@ def stain_of(run_dir):
     return None
 
 
-def class_names_of(config, num_classes):
-    """Class names for a classifier: from the training data's records, else class_0..K-1."""
+def class_names_of(config, num_classes, run_dir=None):
+    """Class names for a classifier: metrics.json of the run, else the training data's records,
+    else class_0..K-1."""
     names = ()
-    try:
-        from kerasnuc.data import load_dataset
+    if run_dir:
+        names = tuple(read_json(os.path.join(run_dir, "metrics.json"), default={}).get("class_names") or ())
+    if not names:
+        try:
+            from kerasnuc.data import load_dataset
 
-        for record in load_dataset(config["data"]):
-            if record.class_names:
-                names = tuple(record.class_names)
-                break
-    except Exception:  # data moved or unreadable: names are a convenience, not a necessity
-        names = ()
+            for record in load_dataset(resolve_spec(config["data"])):
+                if record.class_names:
+                    names = tuple(record.class_names)
+                    break
+        except Exception:  # data moved or unreadable: names are a convenience, not a necessity
+            names = ()
     names = list(names)[:num_classes]
     return names + [f"class_{i}" for i in range(len(names), num_classes)]
 
@@ -233,10 +241,12 @@ def run_metadata(run_dir, model=None, measure=True):
         "channels": channels,
         "tile": int(config.get("tile", 128)),
         "patch": int(config.get("patch", 32)),
-        "postprocess": (thresholds.get("postprocess") or config.get("postprocess") or {}),
+        # segmentation runs store {"postprocess": ...}, detection runs {"detection": ...}
+        "postprocess": (thresholds.get("postprocess") or thresholds.get("detection")
+                        or config.get("postprocess") or {}),
         "postprocess_tuned_on": thresholds.get("tuned_on"),
-        "match_radius": float(config.get("match_radius", 6.0)),
-        "density_sigma": float(config.get("density_sigma", 2.0)),
+        "match_radius": float(thresholds.get("match_radius", config.get("match_radius", 6.0))),
+        "density_sigma": float(thresholds.get("density_sigma", config.get("density_sigma", 2.0))),
         "stochastic": bool(is_stochastic(model)),
         "mc_samples": int(config.get("mc_samples", 10)),
         "precision_used": config.get("precision_used", "float32"),
@@ -248,7 +258,7 @@ def run_metadata(run_dir, model=None, measure=True):
     if task == "classification":
         patch = int(model.input_shape[1] or meta["patch"])
         meta.update(multiple=1, patch=patch, serving_tile=patch, tile_margin=0, receptive_radius=None,
-                    class_names=class_names_of(config, int(model.output_shape[-1])))
+                    class_names=class_names_of(config, int(model.output_shape[-1]), run_dir))
     else:
         multiple = 2 ** model_depth(config)
         radius = measure_receptive_radius(model, channels, multiple) if measure else None
@@ -270,6 +280,19 @@ def _tf_version():
         return None
 
 
+def resolve_spec(spec):
+    """A dataset spec whose relative path is tried as given, then from the repository root
+    (training.fit runs from there, so run configs hold paths like ../shared/data/...)."""
+    if not spec or ":" not in spec:
+        return spec
+    fmt, path = spec.split(":", 1)
+    if os.path.isabs(path) or os.path.exists(path):
+        return spec
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.normpath(os.path.join(root, path))
+    return f"{fmt}:{candidate}" if os.path.exists(candidate) else spec
+
+
 def records_of_split(run_dir, which, limit=None):
     """The run's images of split ``which`` (train / val / test) as NucleiImage records.
 
@@ -287,9 +310,9 @@ def records_of_split(run_dir, which, limit=None):
     wanted = set(names)
     records = []
     if any(not n.startswith("test:") for n in names):
-        records += [r for r in load_dataset(config["data"]) if r.name in wanted]
+        records += [r for r in load_dataset(resolve_spec(config["data"])) if r.name in wanted]
     if config.get("test_data") and any(n.startswith("test:") for n in names):
-        for record in load_dataset(config["test_data"]):
+        for record in load_dataset(resolve_spec(config["test_data"])):
             record.name = f"test:{record.name}"
             if record.name in wanted:
                 records.append(record)

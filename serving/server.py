@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
