@@ -34,6 +34,8 @@ import datetime
 import json
 import os
 
+from training.rundir import write_json_atomic  # noqa: F401  (re-exported for export.saved_model and export.tflite)
+
 FORMAT = "kerasnuc-export/1"
 
 NORMALIZATION = {
@@ -63,25 +65,6 @@ def read_json(path, default=_REQUIRED):
         raise RunError(f"{path}: not found")
     with open(path) as handle:
         return json.load(handle)
-
-
-def write_json_atomic(path, data):
-    """JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def find_config(run_dir):
