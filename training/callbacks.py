@@ -19,3 +19,17 @@ class EpochProgress(keras.callbacks.Callback):
         values = "  ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items())
                            if isinstance(v, (int, float)))
         self.log(f"epoch {epoch + 1}/{self.epochs}  {time.time() - self._start:.1f}s  {values}")
+
+
+def fit_into_run(model, run, train_data, val_data, epochs, log=print):
+    """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
+    (by val_loss, or loss without validation data) saved as model.keras, and one
+    progress line per epoch. Returns the history dict."""
+    monitor = "val_loss" if val_data is not None else "loss"
+    callbacks = [
+        keras.callbacks.CSVLogger(run.file("history.csv")),
+        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
+        EpochProgress(epochs, log),
+    ]
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+    return history.history

@@ -18,7 +18,7 @@ from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import ClassificationDataset, classified_points
 from kerasnuc.losses import get_loss
 from training import plots
-from training.callbacks import EpochProgress
+from training.callbacks import fit_into_run
 from training.config import FitConfig
 from training.optimizers import make_optimizer
 
@@ -96,15 +96,8 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
         f"{len(train_data)} batches of {config.batch_size} per epoch, {config.epochs} epochs"
         + (f"; validation {len(val_data.classes)} nuclei in {len(val_records)} images"
            if val_data is not None else ""))
-    monitor = "val_loss" if val_data is not None else "loss"
-    callbacks = [
-        keras.callbacks.CSVLogger(run.file("history.csv")),
-        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
-        EpochProgress(config.epochs, log),
-    ]
-    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
-                        callbacks=callbacks, verbose=0)
-    return history.history
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log)
+    return history
 
 
 def predict_scores(model, records, config):

@@ -23,7 +23,7 @@ from kerasnuc.inference import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import centroids_from_density
 from training import plots
-from training.callbacks import EpochProgress
+from training.callbacks import fit_into_run
 from training.optimizers import make_optimizer
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -83,15 +83,8 @@ def train(config, run, train_records, val_records, loss, log):
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs, density sigma {config.density_sigma}, loss {loss}"
         + (f"; validation {len(val_data)} fixed batches" if val_data is not None else ""))
-    monitor = "val_loss" if val_data is not None else "loss"
-    callbacks = [
-        keras.callbacks.CSVLogger(run.file("history.csv")),
-        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
-        EpochProgress(config.epochs, log),
-    ]
-    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
-                        callbacks=callbacks, verbose=0)
-    return history.history, depth
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log)
+    return history, depth
 
 
 def predict_densities(model, records, config, depth):

@@ -14,7 +14,7 @@ from kerasnuc.inference import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import instances_from_probability
 from training import plots
-from training.callbacks import EpochProgress
+from training.callbacks import fit_into_run
 from training.optimizers import make_optimizer
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -42,14 +42,8 @@ def train(config, run, train_records, val_records, log):
                                    channels=config.channels, seed=config.seed + 1)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
-    callbacks = [
-        keras.callbacks.CSVLogger(run.file("history.csv")),
-        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor="val_loss", save_best_only=True),
-        EpochProgress(config.epochs, log),
-    ]
-    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
-                        callbacks=callbacks, verbose=0)
-    return history.history, depth
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log)
+    return history, depth
 
 
 def predict_probabilities(model, records, config, depth):
