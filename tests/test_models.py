@@ -128,3 +128,18 @@ def test_segnet_unpools_by_the_pooling_indices():
     segnet = models.build("segnet", **SMALL["segnet"])
     assert any(isinstance(layer, models.MaxUnpoolingWithIndices) for layer in segnet.layers)
     assert not any(isinstance(layer, keras.layers.UpSampling2D) for layer in segnet.layers)
+
+
+@pytest.mark.parametrize("name", ["r2unet", "udnet", "dcrn"])
+def test_recurrent_steps_do_not_share_batchnorm(name):
+    """Recurrent convs share conv weights across steps but never a BatchNorm: a shared one
+    averages the statistics of different steps, and inference then differs from training."""
+    shape = (32, 32, 3) if name == "dcrn" else (None, None, 3)
+    model = models.build(name, input_shape=shape)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms
+    assert all(len(layer._inbound_nodes) == 1 for layer in norms), \
+        [layer.name for layer in norms if len(layer._inbound_nodes) > 1]
+    shared_convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+                    and len(layer._inbound_nodes) > 1]
+    assert shared_convs  # the recurrence itself is still there

@@ -21,15 +21,43 @@ class EpochProgress(keras.callbacks.Callback):
         self.log(f"epoch {epoch + 1}/{self.epochs}  {time.time() - self._start:.1f}s  {values}")
 
 
-def fit_into_run(model, run, train_data, val_data, epochs, log=print):
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training at the end of the epoch after which one more epoch (as long as the
+    slowest so far) would overrun ``minutes``. Why: CPU-budget runs of GPU recipes keep
+    the recipe's epochs and say how many they reached (metrics' ``epochs``)."""
+
+    def __init__(self, minutes, log=print):
+        super().__init__()
+        self.seconds, self.log = float(minutes) * 60.0, log
+        self.stopped_epoch = None
+
+    def on_train_begin(self, logs=None):
+        self._start, self._slowest = time.time(), 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        self._slowest = max(self._slowest, now - self._epoch_start)
+        if now - self._start + self._slowest > self.seconds:
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True
+            self.log(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}")
+
+
+def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0):
     """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
     (by val_loss, or loss without validation data) saved as model.keras, and one
-    progress line per epoch. Returns the history dict."""
+    progress line per epoch; ``time_budget`` (minutes, 0: none) stops early. Returns the
+    history dict."""
     monitor = "val_loss" if val_data is not None else "loss"
     callbacks = [
         keras.callbacks.CSVLogger(run.file("history.csv")),
         keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
         EpochProgress(epochs, log),
     ]
+    if time_budget:
+        callbacks.append(TimeBudget(time_budget, log))
     history = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
     return history.history

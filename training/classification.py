@@ -96,7 +96,7 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
         f"{len(train_data)} batches of {config.batch_size} per epoch, {config.epochs} epochs"
         + (f"; validation {len(val_data.classes)} nuclei in {len(val_records)} images"
            if val_data is not None else ""))
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log)
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
     return history
 
 

@@ -68,6 +68,9 @@ class FitConfig:
     """k-fold cross-validation: 0 for one train/val/test split, K >= 2 for K folds (mean +- std)."""
     stain: dict = field(default_factory=dict)
     """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"}; empty: none."""
+    time_budget: float = 0.0
+    """Minutes of training allowed for each model (each fold); training stops after the
+    epoch that would overrun it. 0: no limit. For CPU-budget runs of long recipes."""
     mc_samples: int = 10
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
     workers: int = 1
@@ -85,6 +88,8 @@ class FitConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.time_budget < 0:
+            raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
         for name in ("epochs", "batch_size", "tile"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -52,6 +52,8 @@ def build_parser():
     parser.add_argument("--density-sigma", type=float, dest="density_sigma", help=docs["density_sigma"])
     parser.add_argument("--match-radius", type=float, dest="match_radius", help=docs["match_radius"])
     parser.add_argument("--patch", type=int, help=docs["patch"])
+    parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
+                        help=docs["time_budget"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
     parser.add_argument("--out", help=docs["out"])
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")

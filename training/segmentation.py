@@ -42,7 +42,7 @@ def train(config, run, train_records, val_records, log):
                                    channels=config.channels, seed=config.seed + 1)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log)
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
     return history, depth
 
 

@@ -26,16 +26,19 @@ def double_conv(x, filters, name, batch_norm=True, activation="relu"):
 def recurrent_conv(x, filters, steps, name):
     """Recurrent convolutional layer of R2U-Net: ``h <- f(x + h)`` for ``steps`` steps.
 
-    The same conv/BN weights are applied at every step (weight sharing is what
-    makes it recurrent); ``x`` must already have ``filters`` channels.
+    The same conv weights are applied at every step (weight sharing is what makes it
+    recurrent); each step has its own BatchNorm. Why: ``x`` and ``x + h`` have different
+    statistics, and one shared BatchNorm would average them into moving statistics that
+    fit no step, so inference would differ from training (recurrent BN, Cooijmans et al.).
+    ``x`` must already have ``filters`` channels.
     """
     conv = layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal",
                          name=f"{name}_conv")
-    norm = layers.BatchNormalization(name=f"{name}_bn")
-    act = layers.Activation("relu", name=f"{name}_act")
-    h = act(norm(conv(x)))
+    h = layers.Activation("relu", name=f"{name}_act")(layers.BatchNormalization(name=f"{name}_bn")(conv(x)))
     for step in range(steps):
-        h = act(norm(conv(layers.Add(name=f"{name}_add{step}")([x, h]))))
+        s = conv(layers.Add(name=f"{name}_add{step}")([x, h]))
+        h = layers.Activation("relu", name=f"{name}_act{step + 1}")(
+            layers.BatchNormalization(name=f"{name}_bn{step + 1}")(s))
     return h
 
 
