@@ -87,6 +87,7 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
     train_data = ClassificationDataset(train_records, patch=config.patch, batch_size=config.batch_size,
                                        steps=config.steps_per_epoch or None, channels=config.channels,
                                        augmenter=make_augmenter(config, log), seed=config.seed,
+                                       balanced=config.balanced,
                                        workers=config.workers)
     val_data = None
     if val_records:

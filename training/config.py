@@ -64,6 +64,9 @@ class FitConfig:
     """Detection/classification: a predicted centre matches a true one within this many pixels."""
     patch: int = 32
     """Classification: side of the square patch centred on each nucleus."""
+    balanced: bool = False
+    """Classification: draw a class uniformly, then a nucleus of it (for rare classes and
+    images whose class mix differs; the validation and test sets are never resampled)."""
     folds: int = 0
     """k-fold cross-validation: 0 for one train/val/test split, K >= 2 for K folds (mean +- std)."""
     stain: dict = field(default_factory=dict)

@@ -52,6 +52,7 @@ def build_parser():
     parser.add_argument("--density-sigma", type=float, dest="density_sigma", help=docs["density_sigma"])
     parser.add_argument("--match-radius", type=float, dest="match_radius", help=docs["match_radius"])
     parser.add_argument("--patch", type=int, help=docs["patch"])
+    parser.add_argument("--balanced", action="store_true", default=None, help=docs["balanced"])
     parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
                         help=docs["time_budget"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
