@@ -137,7 +137,7 @@ def test_recurrent_steps_do_not_share_batchnorm(name):
     shape = (32, 32, 3) if name == "dcrn" else (None, None, 3)
     model = models.build(name, input_shape=shape)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert norms
+    assert norms and all(layer.momentum == 0.9 for layer in norms)  # statistics keep up in short runs
     assert all(len(layer._inbound_nodes) == 1 for layer in norms), \
         [layer.name for layer in norms if len(layer._inbound_nodes) > 1]
     shared_convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)

@@ -56,6 +56,12 @@ def _check_outputs(out, lines):
     assert config.model_config["dropout"] == pytest.approx(best["hyperparameters"]["dropout"])
     assert config.learning_rate == pytest.approx(best["hyperparameters"]["learning_rate"])
     assert config.loss == best["hyperparameters"]["loss"]
+    # The Dice weight is searched as a number and reaches fit's loss_options (bce_dice only).
+    assert 0.25 <= best["hyperparameters"]["dice_weight"] <= 2.0
+    if config.loss == "bce_dice":
+        assert config.loss_options["dice_weight"] == pytest.approx(best["hyperparameters"]["dice_weight"])
+    else:
+        assert "dice_weight" not in config.loss_options
     assert (config.tile, config.data, config.seed, config.out) == (64, "sample", 3, "")
     return config
 
@@ -146,3 +152,22 @@ def test_unavailable_task_and_flags():
          "--lr-range", "1e-4,1e-2", "--filters", "8,16", "--losses", "bce,bce_dice", "--out", "d"])
     assert (args.tuner, args.max_trials, args.max_epochs, args.filters) == ("hyperband", 4, 3, [8, 16])
     assert args.lr_range == (1e-4, 1e-2) and args.losses == ["bce", "bce_dice"] and args.tile == 64
+
+
+def test_dice_weight_is_searched_as_a_number():
+    unet = resolve(overrides={"model": "unet", "tile": 64, "loss": "bce_dice", "model_config": {"depth": 3}})
+    space = {s["name"]: s for s in tune.search_space(unet, losses=["bce_dice"])}
+    assert space["dice_weight"]["range"] == [0.25, 2.0] and space["dice_weight"]["target"] == "loss_options"
+    # Only the weight varies, yet losses of different weights are not comparable: val_iou decides.
+    assert tune.choose_objective("auto", list(space.values()), unet) == ("val_iou", "max")
+    weighted = tune.apply_values(unet, list(space.values()), {"dice_weight": 0.4, "loss": "bce_dice"})
+    assert weighted.loss == "bce_dice" and weighted.loss_options == {"dice_weight": 0.4}
+    # A trial that picks another loss gets no Dice weight.
+    both = tune.search_space(unet)
+    assert tune.apply_values(unet, both, {"dice_weight": 0.4, "loss": "bce"}).loss_options == {}
+    # Fixed (1,1) keeps val_loss; a range without bce_dice is an error.
+    fixed = tune.search_space(unet, losses=["bce_dice"], dice_weight_range=(1.0, 1.0))
+    assert tune.choose_objective("auto", fixed, unet) == ("val_loss", "min")
+    with pytest.raises(tune.TuneError, match="needs the bce_dice loss"):
+        tune.search_space(unet, losses=["bce"], dice_weight_range=(0.5, 1.5))
+    assert tune.build_parser().parse_args(["--dice-weight-range", "0.5,1.5"]).dice_weight_range == (0.5, 1.5)

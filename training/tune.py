@@ -6,7 +6,7 @@
 
 Searched: learning rate (log range), width (filters), depth, dropout (models whose builder
 takes it) and, for segmentation, the loss (bce / bce_dice / dice, i.e. Dice weight 0 / 1 /
-Dice only). Trials train on the training images of the same split as training.fit (by image,
+Dice only) with the Dice weight of bce_dice searched as a number. Trials train on the training images of the same split as training.fit (by image,
 seeded) and are scored on its validation images; the test images are never touched.
 
 Objective: val_loss, except when the loss itself is searched: values of different losses
@@ -50,11 +50,13 @@ def _width_depth_keys(defaults):
     return width, depth
 
 
-def search_space(config, filters=None, depth=None, lr_range=None, dropout_range=None, losses=None):
+def search_space(config, filters=None, depth=None, lr_range=None, dropout_range=None, losses=None,
+                 dice_weight_range=None):
     """The hyperparameters to search, as a list of dicts (name, kind, values or range, default, target).
 
-    ``target`` says where the value goes in a FitConfig: "learning_rate", "loss" or
-    "model_config". Arguments left None get defaults derived from ``config``; a list with
+    ``target`` says where the value goes in a FitConfig: "learning_rate", "loss",
+    "loss_options" or "model_config". ``dice_weight_range`` (LOW, HIGH) searches the Dice
+    weight of bce_dice as a number (default 0.25..2 when bce_dice is among the losses). Arguments left None get defaults derived from ``config``; a list with
     one value fixes that hyperparameter; an empty list leaves it out of the search.
     """
     from kerasnuc import models
@@ -116,6 +118,20 @@ def search_space(config, filters=None, depth=None, lr_range=None, dropout_range=
             get_loss(name)  # unknown names fail here, not in every trial
         space.append({"name": "loss", "kind": "choice", "values": list(losses),
                       "default": config.loss if config.loss in losses else losses[0], "target": "loss"})
+
+    # The Dice weight of bce_dice, as a number (it only acts when the trial's loss is bce_dice).
+    uses_bce_dice = "bce_dice" in (losses or [config.loss])
+    if dice_weight_range is None:
+        dice_weight_range = (0.25, 2.0) if config.task == "segmentation" and uses_bce_dice else ()
+    if dice_weight_range:
+        if not uses_bce_dice:
+            raise TuneError("a Dice-weight range needs the bce_dice loss (searched or fixed)")
+        low, high = dice_weight_range
+        if not 0 <= low <= high:
+            raise TuneError(f"Dice-weight range must be 0 <= low <= high, got {low}, {high}")
+        base = float(config.loss_options.get("dice_weight", 1.0))
+        space.append({"name": "dice_weight", "kind": "float", "range": [float(low), float(high)],
+                      "default": float(min(max(base, low), high)), "target": "loss_options"})
     return space
 
 
@@ -147,14 +163,21 @@ def apply_values(config, space, values):
         value = values[spec["name"]]
         if spec["target"] == "model_config":
             overrides["model_config"][spec["name"]] = value
+        elif spec["target"] == "loss_options":
+            overrides.setdefault("loss_options", dict(config.loss_options))[spec["name"]] = value
         else:
             overrides[spec["target"]] = value
-    return resolve(config.to_dict(), overrides)
+    resolved = resolve(config.to_dict(), overrides)
+    if "dice_weight" in resolved.loss_options and resolved.loss != "bce_dice":
+        # the trial chose another loss: its options would not apply (and may not be accepted)
+        resolved.loss_options = {k: v for k, v in resolved.loss_options.items() if k != "dice_weight"}
+    return resolved
 
 
 def choose_objective(requested, space, config):
     """(name, direction) of the objective; see the module docstring for 'auto'."""
-    tunes_loss = any(s["name"] == "loss" and s["kind"] == "choice" and len(s["values"]) > 1 for s in space)
+    tunes_loss = any((s["name"] == "loss" and s["kind"] == "choice" and len(s["values"]) > 1)
+                     or (s["target"] == "loss_options" and s["range"][0] < s["range"][1]) for s in space)
     if requested in (None, "", "auto"):
         if not tunes_loss:
             name = "val_loss"
@@ -658,12 +681,15 @@ def build_parser():
                        help="Dropout range for models that have dropout (default 0..0.5).")
     group.add_argument("--losses", type=_names, metavar="NAME,...",
                        help="Losses to try (segmentation default bce_dice,bce,dice; one name fixes it).")
+    group.add_argument("--dice-weight-range", type=_pair, dest="dice_weight_range", metavar="LOW,HIGH",
+                       help="Dice weight of bce_dice, searched as a number (default 0.25,2 when bce_dice "
+                            "is among the losses; 1,1 fixes it).")
     group.add_argument("--resume", action="store_true", help="Continue the search in OUT/tuner/.")
     return parser
 
 
 SEARCH_FLAGS = ("tuner", "max_trials", "max_epochs", "factor", "objective", "lr_range", "filters",
-                "depth", "dropout_range", "losses", "resume")
+                "depth", "dropout_range", "losses", "dice_weight_range", "resume")
 
 
 def main(argv=None):
@@ -678,7 +704,8 @@ def main(argv=None):
         sys.exit(f"training.tune: {error}")
     try:
         out = args.out or os.path.join("runs", f"tune-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-        space = {k: getattr(args, k) for k in ("filters", "depth", "lr_range", "dropout_range", "losses")
+        space = {k: getattr(args, k) for k in ("filters", "depth", "lr_range", "dropout_range", "losses",
+                                               "dice_weight_range")
                  if getattr(args, k) is not None}
         return run(config, out, tuner=args.tuner, max_trials=args.max_trials, max_epochs=args.max_epochs,
                    objective=args.objective, factor=args.factor, space=space,
