@@ -47,7 +47,7 @@ def worker(steps):
         arrays = [data[i] for i in range(steps)]
         x, y = np.concatenate([a for a, _ in arrays]), np.concatenate([b for _, b in arrays])
         timings = {}
-        for source in ("pydataset", "arrays"):
+        for source in ("arrays", "pydataset"):  # arrays first: a PyDataset fit slows later TF fits in-process
             model = make_model()
             model.compile(keras.optimizers.Adam(1e-3), loss)
             fit = (lambda epochs: model.fit(data, epochs=epochs, verbose=0)) if source == "pydataset" else \

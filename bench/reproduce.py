@@ -39,6 +39,8 @@ def summarise(run_dir):
     config = json.load(open(os.path.join(run_dir, "config.json")))
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     mean, std = metrics.get("mean", metrics), metrics.get("std", {})
+    if "per_fold" in metrics:
+        metrics = {**metrics, "per_fold": _fold_metrics(run_dir, metrics)}
     key = (config["task"], dataset_key(config["data"]), config["model"])
     rows = []
     for metric, published, source in PUBLISHED.get(key, [(m, None, "") for m in ("dice", "f1", "macro_f1")
@@ -61,6 +63,13 @@ def _metric_label(metric, config):
     if config["task"] == "detection" and metric in ("f1", "precision", "recall"):
         return f"{metric} @ {config.get('match_radius', '?'):g} px"
     return metric
+
+
+def _fold_metrics(run_dir, metrics):
+    """Per-fold figures: from metrics.json's per_fold, else from the fold<i>/metrics.json files."""
+    folds = metrics.get("per_fold", [])
+    files = [os.path.join(run_dir, f"fold{i}", "metrics.json") for i in range(1, len(folds) + 1)]
+    return [{**json.load(open(path)), **fold} if os.path.isfile(path) else fold for fold, path in zip(folds, files)]
 
 
 def _epochs_run(metrics):
