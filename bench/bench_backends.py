@@ -2,8 +2,8 @@
 
     python3 bench/bench_backends.py [--steps 30]
 
-Why: on a CPU, TensorFlow trains from a Keras ``PyDataset`` much slower than from arrays,
-and bench/run_cpu_budget.py picks its backend from this. Each backend runs in its own
+Why: bench/run_cpu_budget.py picks its backend from this (on a CPU, TensorFlow trains
+slower than JAX from the same Keras ``PyDataset``). Each backend runs in its own
 process (a backend is fixed at import), one after the other, on the same batches:
 U-Net (8 filters) on 8 x 128^2 crops of the shipped sample, and DCRN (CPU-budget width) on
 32 x 32 CRCHistoPhenotypes patches. Writes bench/results/backends.md and .json.
