@@ -7,7 +7,7 @@ Each config in configs/cpu/ is one paper recipe shrunk to a 2-core CPU (its ``_c
 lists every deviation; ``time_budget`` caps the training minutes of each model or fold).
 Each runs as ``python -m training.fit --config configs/cpu/NAME.json --out runs/cpu_budget/NAME``
 (log beside it in NAME.log), under the Keras backend given by ``--backend`` (default jax:
-on this CPU it trains these models about twice as fast as TensorFlow's PyDataset path).
+on this CPU it trains these models 1.3-1.5x faster than TensorFlow, bench/results/backends.md).
 A run that fails is reported and the others still run. The table is written by
 bench/reproduce.py to bench/results/reproduce.md from the finished run folders only.
 """
@@ -38,7 +38,7 @@ def main():
     if unknown:
         sys.exit(f"bench/run_cpu_budget.py: no configs/cpu/{unknown[0]}.json; available: {', '.join(available)}")
     os.makedirs(args.out, exist_ok=True)
-    results = {}
+    failed = []
     for i, name in enumerate(names if not args.table_only else []):
         run_dir, log_path = os.path.join(args.out, name), os.path.join(args.out, name + ".log")
         command = [sys.executable, "-m", "training.fit", "--config", os.path.join("configs", "cpu", name + ".json"),
@@ -48,13 +48,13 @@ def main():
         with open(log_path, "w") as log:
             code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, KERAS_BACKEND=args.backend))
-        results[name] = (code, time.time() - started)
+        if code:
+            failed.append(name)
         summary = _last_line(log_path, "summary:") if code == 0 else f"FAILED (exit {code}), see {log_path}"
         print(f"    {time.time() - started:.0f}s  {summary}", flush=True)
     finished = [os.path.join(args.out, n) for n in names if os.path.isfile(os.path.join(args.out, n, "metrics.json"))]
     if finished:
         subprocess.check_call([sys.executable, os.path.join(HERE, "reproduce.py"), *finished], cwd=ROOT)
-    failed = [n for n, (code, _) in results.items() if code]
     print(f"done: {len(finished)} finished runs in {os.path.relpath(args.out, ROOT)}; table bench/results/reproduce.md"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)

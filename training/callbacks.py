@@ -29,7 +29,6 @@ class TimeBudget(keras.callbacks.Callback):
     def __init__(self, minutes, log=print):
         super().__init__()
         self.seconds, self.log = float(minutes) * 60.0, log
-        self.stopped_epoch = None
 
     def on_train_begin(self, logs=None):
         self._start, self._slowest = time.time(), 0.0
@@ -41,7 +40,6 @@ class TimeBudget(keras.callbacks.Callback):
         now = time.time()
         self._slowest = max(self._slowest, now - self._epoch_start)
         if now - self._start + self._slowest > self.seconds:
-            self.stopped_epoch = epoch + 1
             self.model.stop_training = True
             self.log(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}")
 

@@ -13,12 +13,17 @@ from keras import layers
 BN_MOMENTUM = 0.9
 
 
+def norm_layer(name):
+    """The BatchNormalization layer every model uses (momentum ``BN_MOMENTUM``)."""
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, name=name)
+
+
 def conv_bn_act(x, filters, name, kernel_size=3, activation="relu", batch_norm=True):
     """Conv -> (BatchNorm) -> activation, the unit of U-Net and SegNet."""
     x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     if batch_norm:
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+        x = norm_layer(f"{name}_bn")(x)
     return layers.Activation(activation, name=f"{name}_act")(x)
 
 
@@ -39,11 +44,11 @@ def recurrent_conv(x, filters, steps, name):
     """
     conv = layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal",
                          name=f"{name}_conv")
-    h = layers.Activation("relu", name=f"{name}_act")(layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(conv(x)))
+    h = layers.Activation("relu", name=f"{name}_act")(norm_layer(f"{name}_bn")(conv(x)))
     for step in range(steps):
         s = conv(layers.Add(name=f"{name}_add{step}")([x, h]))
         h = layers.Activation("relu", name=f"{name}_act{step + 1}")(
-            layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{step + 1}")(s))
+            norm_layer(f"{name}_bn{step + 1}")(s))
     return h
 
 
@@ -62,24 +67,24 @@ def recurrent_dense_layer(x, growth, steps, name):
     a separate recurrent 3x3 conv, shared over ``steps``, refines them:
     ``h_t = relu(bn_t(ff(x) + rec(h_{t-1})))``.
     """
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_pre_bn")(x)
+    x = norm_layer(f"{name}_pre_bn")(x)
     x = layers.Activation("relu", name=f"{name}_pre_act")(x)
     feed = layers.Conv2D(growth, 3, padding="same", use_bias=False,
                          kernel_initializer="he_normal", name=f"{name}_ff")(x)
     rec = layers.Conv2D(growth, 3, padding="same", use_bias=False,
                         kernel_initializer="he_normal", name=f"{name}_rec")
     h = layers.Activation("relu", name=f"{name}_act0")(
-        layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn0")(feed))
+        norm_layer(f"{name}_bn0")(feed))
     for step in range(1, steps + 1):
         s = layers.Add(name=f"{name}_add{step}")([feed, rec(h)])
         h = layers.Activation("relu", name=f"{name}_act{step}")(
-            layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{step}")(s))
+            norm_layer(f"{name}_bn{step}")(s))
     return h
 
 
 def plain_dense_layer(x, growth, name):
     """DenseNet layer: BN -> ReLU -> 3x3 conv to ``growth`` channels."""
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = norm_layer(f"{name}_bn")(x)
     x = layers.Activation("relu", name=f"{name}_act")(x)
     return layers.Conv2D(growth, 3, padding="same", use_bias=False,
                          kernel_initializer="he_normal", name=f"{name}_conv")(x)
@@ -99,7 +104,7 @@ def dense_block(x, num_layers, growth, name, recurrent_steps=0):
 
 def transition_block(x, filters, name, pool=True):
     """DenseNet transition: BN -> ReLU -> 1x1 conv -> 2x2 average pooling."""
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = norm_layer(f"{name}_bn")(x)
     x = layers.Activation("relu", name=f"{name}_act")(x)
     x = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_conv")(x)
     if pool:
@@ -114,11 +119,11 @@ def residual_selu_block(x, filters, name):
         shortcut = layers.Conv2D(filters, 1, padding="same", name=f"{name}_shortcut")(x)
     h = layers.Conv2D(filters, 3, padding="same", kernel_initializer="lecun_normal",
                       name=f"{name}_conv1")(x)
-    h = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(h)
+    h = norm_layer(f"{name}_bn1")(h)
     h = layers.Activation("selu", name=f"{name}_act1")(h)
     h = layers.Conv2D(filters, 3, padding="same", kernel_initializer="lecun_normal",
                       name=f"{name}_conv2")(h)
-    h = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(h)
+    h = norm_layer(f"{name}_bn2")(h)
     h = layers.Add(name=f"{name}_add")([shortcut, h])
     return layers.Activation("selu", name=f"{name}_act2")(h)
 

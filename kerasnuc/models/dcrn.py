@@ -11,7 +11,7 @@ but not its stem width; a 128-filter 3x3 stem reproduces that count.
 import keras
 from keras import layers
 
-from kerasnuc.models.blocks import BN_MOMENTUM, dense_block, model_input, transition_block
+from kerasnuc.models.blocks import dense_block, model_input, norm_layer, transition_block
 
 
 def _check_patch_shape(input_shape, family):
@@ -30,7 +30,7 @@ def _dense_classifier(input_shape, num_classes, blocks, layers_per_block, growth
         x = dense_block(x, layers_per_block, growth, f"block{b + 1}", recurrent_steps)
         if b < blocks - 1:
             x = transition_block(x, x.shape[-1], f"transition{b + 1}")
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="final_bn")(x)
+    x = norm_layer("final_bn")(x)
     x = layers.Activation("relu", name="final_act")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     if dropout:
