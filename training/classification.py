@@ -119,8 +119,9 @@ def evaluate(y_true, y_score, class_names):
 
 def plot_confusion(matrix, class_names, path, title=""):
     """confusion.png: counts, coloured by the share of each true class (row)."""
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot(path)
+    if plt is None:
+        return
     matrix = np.asarray(matrix, dtype=np.float64)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = 1.2 * len(class_names) + 1.8

@@ -136,7 +136,7 @@ def run(config, overwrite=False, log=None):
         log(f"training.fit: run failed; partial results kept in {run_dir.path} (never used as a run)")
         raise
     path = run_dir.finish()
-    log(f"done in {time.time() - started:.0f}s; wrote {path}/: {', '.join(sorted(set(run_dir.written)))}")
+    log(f"done in {time.time() - started:.0f}s; wrote {path}/: {', '.join(sorted(os.listdir(path)))}")
     log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
                                 if k in ("dice", "aji", "pq", "f1", "object_f1", "accuracy")))
     return path

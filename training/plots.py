@@ -1,15 +1,34 @@
-"""Figures written into run folders: training curves and prediction overlays."""
+"""Figures written into run folders: training curves and prediction overlays.
+
+Matplotlib is needed only for the charts (curves, confusion matrix). Where it is not installed (a GPU
+training box with a minimal Python), :func:`pyplot` returns None and the chart is skipped with a
+note, so training still finishes and writes its model and metrics.
+"""
+
+import sys
 
 import cv2
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def pyplot(path=None):
+    """matplotlib.pyplot on the Agg backend, or None (with a note naming ``path``) when not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: skipped {path or 'the chart'}", file=sys.stderr, flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_history(history, path):
     """One panel per metric, train and validation curves per epoch."""
+    plt = pyplot(path)
+    if plt is None:
+        return
     names = [k for k in history if not k.startswith("val_") and k not in ("epoch", "learning_rate")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
