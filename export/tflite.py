@@ -253,8 +253,11 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
             "latency_ms_per_patch": 1000 * float(np.median(latencies)),
         }
         if truth is not None:
-            summary["accuracy_keras"] = float(np.mean(keras_cls == truth))
-            summary["accuracy_tflite"] = float(np.mean(lite_cls == truth))
+            num_classes = keras_prob.shape[-1]
+            for name, predicted in (("keras", keras_cls), ("tflite", lite_cls)):
+                scores = metrics.classification_report(truth, predicted, num_classes=num_classes)
+                summary[f"accuracy_{name}"] = float(scores["accuracy"])
+                summary[f"macro_f1_{name}"] = float(scores["macro_f1"])
         return {"split": split, "images": len(records), "mc_samples": samples, "summary": summary,
                 "per_image": []}
 
