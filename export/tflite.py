@@ -1,8 +1,8 @@
 """Export a training run as a LiteRT (``.tflite``) model, with metadata and an agreement report.
 
-    python -m export.tflite RUN_DIR --quantize {float32,float16,dynamic,int8} [--out PATH]
+    python -m export.tflite RUN_DIR --quantize {float32,float16,dynamic,int8} [--input-size N|HxW] [--out PATH]
 
-writes ``PATH`` (default ``RUN_DIR/export/<model>_<quantize>.tflite``) and beside it:
+writes ``PATH`` (default ``RUN_DIR/export/<model>_<quantize>[_<H>x<W>].tflite``) and beside it:
 
 * ``<stem>.json``: the metadata ``serving.edge`` needs (task, channels, input multiple,
   tile sizes, tuned thresholds, class names, input quantisation) plus what was converted;
@@ -16,6 +16,14 @@ What the .tflite computes: the Keras model only; its input is the *normalised* i
 (float32 in [0, 1]; for ``int8`` uint8 with the quantisation stored in the input tensor,
 scale ~1/255, zero point 0). Normalisation (per-image min-max) happens in
 ``serving.edge`` with NumPy, exactly as in training.
+
+Static input (``--input-size``): NPU / Edge TPU / NNAPI delegates need static shapes, and
+a dynamic (None, None, None, C) input leaves SHAPE/PACK ops around TRANSPOSE_CONV. The model
+is rebuilt from its config with the input fixed at [1, H, W, C] (H, W multiples of the
+input multiple; a classifier only takes its patch size, which then fixes the batch to 1)
+and the metadata records ``tflite.static_input``; ``serving.edge`` runs images in H x W
+tiles (margin ``tile_margin``, lowered to fit) and batches as batch-1 calls, and so does
+the report, whose maps and latencies are then the tiled ones.
 
 Quantisation: ``float16`` weights; ``dynamic`` int8 weights, float activations; ``int8``
 full-integer (weights and activations, uint8 input and output), calibrated by a
@@ -65,15 +73,25 @@ def _is_mixed(model):
                and layer.dtype_policy.compute_dtype != "float32" for layer in model.layers)
 
 
-def conversion_model(model):
-    """(model to convert, notes): a float32, LiteRT-convertible copy where one is needed."""
+def conversion_model(model, batch_shape=None):
+    """(model to convert, notes): a float32, LiteRT-convertible copy where one is needed.
+
+    ``batch_shape`` (e.g. [1, H, W, C]) rebuilds the model with that fixed input shape.
+    """
     from kerasnuc.models import is_stochastic
 
     mixed, stochastic = _is_mixed(model), is_stochastic(model)
-    if not (mixed or stochastic):
+    if not (mixed or stochastic or batch_shape):
         return model, []
     config = model.get_config()
     notes = []
+    if batch_shape:
+        inputs = [layer for layer in config["layers"] if layer.get("class_name") == "InputLayer"]
+        if len(inputs) != 1:
+            raise ValueError(f"a static input needs a functional model with one input, "
+                             f"{model.name} has {len(inputs)}")
+        inputs[0]["config"]["batch_shape"] = [int(s) for s in batch_shape]
+        notes.append(f"input fixed to {[int(s) for s in batch_shape]} (static shapes for edge accelerators)")
     for layer in config["layers"]:
         if layer.get("class_name") == "MCDropout" or layer.get("registered_name") == "kerasnuc>MCDropout":
             layer.update(class_name="LiteStochasticDropout", module="export.tflite",
@@ -96,8 +114,10 @@ def conversion_model(model):
     return copy, notes
 
 
-def representative_inputs(run_dir, meta, count=64, seed=0):
-    """``count`` normalised float32 crops (or nucleus patches) of the run's training images."""
+def representative_inputs(run_dir, meta, count=64, seed=0, size=None):
+    """``count`` normalised float32 crops (or nucleus patches) of the run's training images.
+
+    Crops are ``size`` = (height, width) (default the training tile, square)."""
     from export.metadata import records_of_split
     from serving.tiling import normalize_image, pad_to_multiple
 
@@ -112,18 +132,18 @@ def representative_inputs(run_dir, meta, count=64, seed=0):
             raise ValueError(f"{run_dir}: no nuclei in the training images to calibrate int8 with")
         chosen = rng.choice(len(patches), size=min(count, len(patches)), replace=False)
         return [patches[i:i + 1] for i in chosen]
-    size = int(meta["tile"])
+    height, width = (int(meta["tile"]),) * 2 if size is None else (int(size[0]), int(size[1]))
     samples = []
     for _ in range(count):
         record = records[int(rng.integers(len(records)))]
         x = normalize_image(record.image, channels)
         x = pad_to_multiple(x, meta["multiple"])
-        if min(x.shape[:2]) < size:
-            x = np.pad(x, ((0, max(0, size - x.shape[0])), (0, max(0, size - x.shape[1])), (0, 0)),
+        if x.shape[0] < height or x.shape[1] < width:
+            x = np.pad(x, ((0, max(0, height - x.shape[0])), (0, max(0, width - x.shape[1])), (0, 0)),
                        mode="reflect")
-        top = int(rng.integers(x.shape[0] - size + 1))
-        left = int(rng.integers(x.shape[1] - size + 1))
-        samples.append(x[None, top:top + size, left:left + size].astype(np.float32))
+        top = int(rng.integers(x.shape[0] - height + 1))
+        left = int(rng.integers(x.shape[1] - width + 1))
+        samples.append(x[None, top:top + height, left:left + width].astype(np.float32))
     return samples
 
 
@@ -193,7 +213,8 @@ def check_stochastic(lite, meta):
         x = np.full((1, meta["patch"], meta["patch"], meta["channels"]), 0.5, np.float32)
     else:
         size = max(meta["multiple"] * 2, 32)
-        x = np.random.default_rng(0).random((1, size, size, meta["channels"])).astype(np.float32)
+        shape = lite.static_shape or (size, size)
+        x = np.random.default_rng(0).random((1, *shape, meta["channels"])).astype(np.float32)
     return bool(np.abs(lite.run(x) - lite.run(x)).max() > 0)
 
 
@@ -263,6 +284,8 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
 
     for record in records:
         keras_map = _keras_maps(model, record.image, meta, samples)
+        # a static model runs whole images in its fixed tiles (lite.run tiles them too), so
+        # its maps and latency are the tiled ones
         lite_map, _ = lite.predict_maps(record.image, tile=0, samples=samples)
         times = []
         x = normalize_padded(record.image, meta)
@@ -303,7 +326,10 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
         pixels = sum(r["shape"][0] * r["shape"][1] for r in rows)
         summary["latency_ms_per_megapixel"] = float(sum(r["latency_ms"] for r in rows) / pixels * 1e6)
         summary["latency_ms_median"] = float(np.median([r["latency_ms"] for r in rows]))
-    return {"split": split, "images": len(rows), "mc_samples": samples, "summary": summary, "per_image": rows}
+    result = {"split": split, "images": len(rows), "mc_samples": samples, "summary": summary, "per_image": rows}
+    if lite.tiles_fixed:
+        result["static_tiles"] = {"tile": list(lite.static_shape), "margin": lite.static_margin()}
+    return result
 
 
 def normalize_padded(image, meta):
@@ -315,30 +341,87 @@ def normalize_padded(image, meta):
 # ----------------------------------------------------------------------------- export
 
 
-def default_output(run_dir, meta, quantize):
-    return os.path.join(run_dir, "export", f"{meta['model'] or 'model'}_{quantize}.tflite")
+def default_output(run_dir, meta, quantize, static_input=None):
+    size = f"_{static_input[1]}x{static_input[2]}" if static_input else ""
+    return os.path.join(run_dir, "export", f"{meta['model'] or 'model'}_{quantize}{size}.tflite")
+
+
+def parse_input_size(value):
+    """``N``, ``"N"`` or ``"HxW"`` (or an (H, W) pair) -> (H, W) ints; ValueError if unreadable."""
+    if isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        parts = str(value).lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(str(part).strip()) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2:
+        raise ValueError(f"--input-size {value}: expected N or HxW, e.g. 256 or 256x320")
+    return tuple(sizes)
+
+
+def static_input_shape(run_dir, meta, input_size):
+    """[1, H, W, C] for ``--input-size``, checked against the run's model (ValueError if not)."""
+    height, width = parse_input_size(input_size)
+    text = str(input_size) if isinstance(input_size, (int, str)) else f"{height}x{width}"
+    where = f"{run_dir}: --input-size {text}"
+    name = meta["model"] or "model"
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{where}: sides must be positive")
+    if meta["task"] == "classification":
+        patch = int(meta["patch"])
+        if (height, width) != (patch, patch):
+            raise ValueError(f"{where}: this {name} classifier takes {patch}x{patch} nucleus patches; "
+                             f"only --input-size {patch} (which fixes the batch to 1) is possible")
+    elif height % meta["multiple"] or width % meta["multiple"]:
+        raise ValueError(f"{where}: must be a multiple of {meta['multiple']} for this {name}")
+    return [1, height, width, int(meta["channels"])]
 
 
 def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats=3, threads=None,
-                  max_images=None, evaluate_model=True, log=None):
-    """Convert, write ``out`` + metadata + report; returns (path, report dict)."""
+                  max_images=None, evaluate_model=True, log=None, input_size=None):
+    """Convert, write ``out`` + metadata + report; returns (path, report dict).
+
+    ``input_size`` (N, "HxW" or (H, W)): a static [1, H, W, C] input (see the module docstring).
+    """
     from export.metadata import load_model, run_metadata, write_json_atomic
-    from serving.edge import LiteModel
+    from serving.edge import LiteModel, fitting_margin
 
     log = log or (lambda message: print(message, flush=True))
+    if input_size is not None:
+        try:
+            parse_input_size(input_size)  # a malformed size fails before the model loads
+        except ValueError as error:
+            raise ValueError(f"{run_dir}: {error}") from None
     model = load_model(run_dir)
     meta = run_metadata(run_dir, model)
-    out = out or default_output(run_dir, meta, quantize)
+    static = static_input_shape(run_dir, meta, input_size) if input_size is not None else None
+    out = out or default_output(run_dir, meta, quantize, static)
     if not out.endswith(".tflite"):
         raise ValueError(f"--out must end in .tflite, got {out}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    convertible, notes = conversion_model(model)
+    convertible, notes = conversion_model(model, static)
+    if static and meta["task"] != "classification":
+        margin = fitting_margin(static[1:3], meta["tile_margin"], meta["multiple"])
+        radius = meta.get("receptive_radius")
+        note = f"serving.edge runs images in {static[1]}x{static[2]} tiles with margin {margin}"
+        if radius is not None and margin < radius:
+            multiple = meta["multiple"]
+            enough = 2 * -(-radius // multiple) * multiple + multiple  # sides leaving a margin >= radius
+            note += (f" (< receptive radius {radius}: tile seams differ slightly from whole-image maps; "
+                     f"sides of at least {enough} avoid it)")
+        notes.append(note)
     representative = None
     started = time.time()
     if quantize == "int8":
-        representative = representative_inputs(run_dir, meta, calibration)
-        notes.append(f"int8 calibrated on {len(representative)} {meta['tile'] if meta['task'] != 'classification' else meta['patch']}px "
-                     f"crops of the training split")
+        size = static[1:3] if static else None
+        representative = representative_inputs(run_dir, meta, calibration, size=size)
+        crop = (f"{meta['patch']}px patches" if meta["task"] == "classification" else
+                f"{size[0]}x{size[1]} crops" if size else f"{meta['tile']}px crops")
+        notes.append(f"int8 calibrated on {len(representative)} {crop} of the training split")
     content = convert(convertible, quantize, representative)
     convert_seconds = time.time() - started
     tmp = f"{out}.tmp{os.getpid()}"
@@ -347,7 +430,7 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     os.replace(tmp, out)
     io = _io_details(out)
     meta["tflite"] = {"quantize": quantize, "input_is": "normalised image (see normalization)",
-                      **io, "notes": notes}
+                      "static_input": static, **io, "notes": notes}
     lite = LiteModel(out, meta)
     if meta["stochastic"]:
         meta["tflite"]["stochastic_in_litert"] = check_stochastic(lite, meta)
@@ -355,7 +438,7 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
             log("warning: the converted Monte-Carlo model is deterministic in LiteRT")
     base = os.path.splitext(out)[0]
     write_json_atomic(base + ".json", meta)
-    report = {"file": os.path.abspath(out), "quantize": quantize, "bytes": len(content),
+    report = {"file": os.path.abspath(out), "quantize": quantize, "static_input": static, "bytes": len(content),
               "megabytes": round(len(content) / 2 ** 20, 3), "convert_seconds": round(convert_seconds, 1),
               "keras_params": int(model.count_params()), "io": io, "notes": notes,
               "litert_threads": threads, "machine": machine_info()}
@@ -412,6 +495,10 @@ def report_markdown(report, meta):
                       f"{', mean of %d passes' % agreement['mc_samples'] if agreement['mc_samples'] > 1 else ''})",
                   "", "| measure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in agreement["summary"].items()]
+        if agreement.get("static_tiles"):
+            tiles = agreement["static_tiles"]
+            lines += ["", f"Static input: maps and latencies are of whole images run in "
+                          f"{tiles['tile'][0]}x{tiles['tile'][1]} tiles, margin {tiles['margin']}."]
     machine = report["machine"]
     lines += ["", f"Machine: {machine.get('cpu_model', machine['processor'])}, {machine['cpus']} CPUs, "
                   f"{machine['platform']}; LiteRT threads {report['litert_threads'] or 'default'}.", ""]
@@ -423,7 +510,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="float32")
-    parser.add_argument("--out", help="output .tflite (default RUN_DIR/export/<model>_<quantize>.tflite)")
+    parser.add_argument("--out", help="output .tflite (default RUN_DIR/export/<model>_<quantize>[_<H>x<W>].tflite)")
+    parser.add_argument("--input-size", dest="input_size", metavar="N|HxW",
+                        help="static [1, H, W, C] input for edge accelerators (multiples of the model's "
+                             "input multiple; classifiers: the patch size)")
     parser.add_argument("--calibration", type=int, default=64, help="int8: representative crops (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="latency: runs per image, median (default 3)")
     parser.add_argument("--threads", type=int, help="LiteRT threads for the report (default: runtime's choice)")
@@ -434,7 +524,7 @@ def main(argv=None):
 
     try:
         export_tflite(args.run_dir, args.quantize, args.out, args.calibration, args.repeats, args.threads,
-                      args.max_images, evaluate_model=not args.no_report)
+                      args.max_images, evaluate_model=not args.no_report, input_size=args.input_size)
     except (RunError, ValueError) as error:
         sys.exit(f"export.tflite: {error}")
 

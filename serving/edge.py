@@ -18,6 +18,11 @@ training did (:mod:`serving.tiling`). Images larger than ``--tile`` are tiled wi
 whole image's intensity range. Monte-Carlo dropout models run ``--samples`` passes and
 also write ``<stem>_variance.npy``.
 
+A static model (``export.tflite --input-size``: edge accelerators need fixed shapes) is
+never resized: every image runs in tiles of exactly its H x W, whatever ``--tile`` says
+(images smaller than a tile are mirror-padded up to it, margins lowered to fit; one
+line on stderr says so), and batches run as batch-1 calls.
+
 Dependencies on the device: ``ai-edge-litert``, NumPy, OpenCV (reading/writing images)
 and, for watershed / peak post-processing, SciPy + scikit-image through
 ``kerasnuc.postprocess``. Without those two it falls back to OpenCV: connected components
@@ -34,7 +39,7 @@ import time
 
 import numpy as np
 
-from serving.tiling import TilePlan, intensity_range, normalize_with_range, patches_at
+from serving.tiling import TilePlan, intensity_range, normalize_with_range, pad_to_multiple, patches_at
 
 TASK_OF_COMMAND = {"segment": ("segmentation",), "detect": ("detection", "segmentation"),
                    "classify": ("classification",)}
@@ -53,10 +58,33 @@ def load_metadata(model_path, path=None):
         return json.load(handle)
 
 
+def fitting_margin(tile_shape, margin, multiple):
+    """``margin`` rounded up to ``multiple`` (as TilePlan does), lowered to the largest multiple
+    that leaves every side of a ``tile_shape`` tile a positive step (``side > 2 * margin``)."""
+    m = max(int(multiple), 1)
+    margin = -(-max(int(margin), 0) // m) * m
+    limit = ((min(tile_shape) - 1) // 2) // m * m
+    return int(max(0, min(margin, limit)))
+
+
+def pad_to_tile(image, multiple, tile_shape):
+    """(H, W, C) padded at the bottom/right to multiples of ``multiple`` (the whole-image rule)
+    and then, by mirroring, up to at least ``tile_shape``."""
+    padded = pad_to_multiple(image, multiple)
+    extra = (max(0, tile_shape[0] - padded.shape[0]), max(0, tile_shape[1] - padded.shape[1]))
+    if not any(extra):
+        return padded
+    mode = "reflect" if min(padded.shape[:2]) > 1 else "edge"
+    return np.pad(padded, ((0, extra[0]), (0, extra[1])) + ((0, 0),) * (padded.ndim - 2), mode=mode)
+
+
 class LiteModel:
     """A .tflite model with its metadata: normalised batches in, dequantised float32 out.
 
     ``xnnpack=False`` runs LiteRT's builtin kernels without the default XNNPACK delegate.
+    A model exported with a static input (``export.tflite --input-size``, e.g. [1, H, W, C])
+    is never resized: larger batches run in batch-1 calls, and images of another size
+    (``run`` of a segmentation / detection model, ``predict_maps``) go through H x W tiles.
     """
 
     def __init__(self, path, meta=None, num_threads=None, xnnpack=True):
@@ -69,6 +97,10 @@ class LiteModel:
                                        experimental_op_resolver_type=resolver)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
+        signature = [int(s) for s in self.input["shape_signature"]]
+        # fixed batch (None: any) and fixed (H, W) (None: any) of the input tensor
+        self.static_batch = signature[0] if signature[0] > 0 else None
+        self.static_shape = tuple(signature[1:3]) if len(signature) == 4 and min(signature[1:3]) > 0 else None
         # Tensors are allocated at the first run, for its shape: a model with dynamic height
         # and width has a placeholder 1x1 input that builtin kernels refuse to prepare.
         self._shape = None
@@ -77,9 +109,28 @@ class LiteModel:
     def input_dtype(self):
         return self.input["dtype"]
 
+    @property
+    def dense(self):
+        """True for models that map images to maps (segmentation, detection)."""
+        return self.meta.get("task") != "classification"
+
+    @property
+    def tiles_fixed(self):
+        """True if images must go through tiles of exactly ``static_shape`` (static dense model)."""
+        return self.dense and self.static_shape is not None
+
+    def static_margin(self, margin=None):
+        """The tile margin used with a static input: ``margin`` (default: the metadata's),
+        lowered where needed to leave each tile a positive step."""
+        margin = self.meta.get("tile_margin", 32) if margin is None else margin
+        return fitting_margin(self.static_shape, margin, self.meta.get("multiple", 16))
+
     def _resize(self, shape):
         if tuple(shape) != self._shape:
             if tuple(shape) != tuple(self.input["shape"]):
+                if self.static_shape is not None and self.static_batch is not None:
+                    raise ValueError(f"{self.path}: the input is fixed at {list(self.input['shape'])}, "
+                                     f"got {list(shape)}")
                 self.interpreter.resize_tensor_input(self.input["index"], list(shape), strict=False)
             self.interpreter.allocate_tensors()
             self.input = self.interpreter.get_input_details()[0]
@@ -100,37 +151,84 @@ class LiteModel:
         scale, zero = self.output["quantization"]
         return ((out.astype(np.float32) - zero) * scale).astype(np.float32)
 
-    def run(self, batch):
-        """(N, H, W, C) float32 normalised input -> float32 model output."""
-        batch = np.asarray(batch)
+    def _invoke(self, batch):
         self._resize(batch.shape)
         self.interpreter.set_tensor(self.input["index"], self.quantize_input(batch))
         self.interpreter.invoke()
         return self.dequantize_output(self.interpreter.get_tensor(self.output["index"]))
 
+    def run(self, batch):
+        """(N, H, W, C) float32 normalised input -> float32 model output.
+
+        With a static input: N is split into calls of the fixed batch (the last one padded
+        with copies), and a dense model given another H x W runs each image in static tiles
+        (``run_tiled``), returning (N, H, W, K).
+        """
+        batch = np.asarray(batch)
+        if self.static_shape is not None and tuple(batch.shape[1:3]) != self.static_shape:
+            if not self.dense:
+                raise ValueError(f"{self.path}: the input is fixed at {self.static_shape[0]}x"
+                                 f"{self.static_shape[1]}, got {batch.shape[1]}x{batch.shape[2]}")
+            return np.stack([self.run_tiled(x) for x in batch])
+        size = self.static_batch
+        if size is None or len(batch) == size:
+            return self._invoke(batch)
+        outs = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start:start + size]
+            count = len(chunk)
+            if count < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
+            outs.append(self._invoke(chunk)[:count])
+        if not outs:
+            return np.zeros((0, *self.output["shape"][1:]), np.float32)
+        return np.concatenate(outs)
+
+    def _tiles(self, height, width, tile, margin):
+        """(plan, pad function) for an image of (height, width)."""
+        multiple = self.meta.get("multiple", 16)
+        if self.tiles_fixed:
+            shape = [max(-(-size // multiple) * multiple, side) for size, side in
+                     zip((height, width), self.static_shape)]  # pad_to_tile's shape
+            plan = TilePlan(shape[0], shape[1], self.static_shape, self.static_margin(margin), multiple)
+            return plan, lambda image: pad_to_tile(image, multiple, self.static_shape)
+        tile = self.meta.get("serving_tile", 256) if tile is None else tile
+        margin = self.meta.get("tile_margin", 32) if margin is None else margin
+        if not tile:
+            tile, margin = max(height, width) + multiple, 0
+        plan = TilePlan(height, width, tile, margin, multiple)
+        return plan, plan.pad
+
+    def _stitched(self, plan, padded, height, width):
+        outs = [self.run(padded[None, top:top + plan.tile_shape[0], left:left + plan.tile_shape[1]])[0]
+                for top, left, _, _ in plan.tiles]
+        return plan.stitch(outs)[:height, :width]
+
+    def run_tiled(self, x, tile=None, margin=None):
+        """(H, W, C) normalised float32 image -> (H, W, K) map stitched from tiles (static
+        models: tiles of exactly the static input, whatever ``tile``)."""
+        x = np.asarray(x)
+        plan, pad = self._tiles(x.shape[0], x.shape[1], tile, margin)
+        return self._stitched(plan, pad(x), x.shape[0], x.shape[1])
+
     def predict_maps(self, image, tile=None, margin=None, samples=1):
         """(H, W, C) uint8 image -> ((H, W, K) mean map, (H, W, K) variance or None).
 
         ``tile``: None uses the metadata's serving tile, 0 runs the whole (padded) image at once.
+        A static model ignores ``tile``: its tiles are its fixed input (small images padded up
+        to it by mirroring), with ``margin`` lowered where needed to fit (``static_margin``).
         """
-        meta = self.meta
-        channels, multiple = meta["channels"], meta.get("multiple", 16)
+        channels = self.meta["channels"]
         image = np.asarray(image)
         if image.ndim == 2:
             image = image[..., None]
         value_range = intensity_range(image, channels)
-        tile = meta.get("serving_tile", 256) if tile is None else tile
-        margin = meta.get("tile_margin", 32) if margin is None else margin
-        if not tile:
-            tile, margin = max(image.shape[:2]) + multiple, 0
-        plan = TilePlan(image.shape[0], image.shape[1], tile, margin, multiple)
-        padded = normalize_with_range(plan.pad(image), channels, value_range)
+        plan, pad = self._tiles(image.shape[0], image.shape[1], tile, margin)
+        padded = normalize_with_range(pad(image), channels, value_range)
         samples = max(1, int(samples))
         total = total_sq = None
         for _ in range(samples):
-            outs = [self.run(padded[None, top:top + plan.tile_shape[0], left:left + plan.tile_shape[1]])[0]
-                    for top, left, _, _ in plan.tiles]
-            maps = plan.stitch(outs).astype(np.float64)
+            maps = self._stitched(plan, padded, image.shape[0], image.shape[1]).astype(np.float64)
             total = maps if total is None else total + maps
             total_sq = maps ** 2 if total_sq is None else total_sq + maps ** 2
         mean = total / samples
@@ -301,6 +399,25 @@ def _apply_stain(meta, image):
 # ----------------------------------------------------------------------------- command line
 
 
+def tiling_note(model, tile=None, margin=None):
+    """One line saying how a static model tiles, and which of --tile / --margin it overrides."""
+    height, width = model.static_shape
+    used = model.static_margin(margin)
+    note = (f"serving.edge: {os.path.basename(model.path)} has a static {height}x{width} input: "
+            f"images run in {height}x{width} tiles, margin {used}")
+    if tile is not None and (tile, tile) != (height, width):
+        note += f"; --tile {tile} overridden"
+    multiple = max(int(model.meta.get("multiple", 16)), 1)
+    if margin is not None and used < -(-margin // multiple) * multiple:
+        note += f"; --margin {margin} lowered to {used} to fit the tile"
+    radius = model.meta.get("receptive_radius")
+    if radius is not None and used < radius:
+        note += (f" (below the receptive radius {radius}: tile seams differ slightly from a "
+                 "whole-image prediction)")
+    return note
+
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m serving.edge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,6 +449,9 @@ def main(argv=None):
             sys.exit("serving.edge: classify needs --points CSV|DIR or --detector MODEL.tflite")
         if args.detector:
             detector = LiteModel(args.detector, load_metadata(args.detector), args.threads)
+    tiled = model if model.dense else detector  # the model that --tile / --margin apply to
+    if tiled is not None and tiled.tiles_fixed:
+        print(tiling_note(tiled, args.tile, args.margin), file=sys.stderr, flush=True)
     samples = args.samples or (meta.get("mc_samples", 10) if meta.get("stochastic") else 1)
     os.makedirs(args.out, exist_ok=True)
     post = meta.get("postprocess") or {}

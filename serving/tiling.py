@@ -96,14 +96,15 @@ def _starts_and_cuts(length, tile, margin):
 class TilePlan:
     """Where the tiles of one (height, width) image go.
 
-    ``tile`` and ``margin`` are rounded up to multiples of ``multiple``; ``tile`` must
-    exceed ``2 * margin``. Every tile has the same shape ``tile_shape`` (smaller than
-    ``tile`` only where the padded image is), so tiles can be batched.
+    ``tile`` (a side, or a (height, width) pair) and ``margin`` are rounded up to multiples
+    of ``multiple``; each tile side must exceed ``2 * margin``. Every tile has the same
+    shape ``tile_shape`` (smaller than ``tile`` only where the padded image is), so tiles
+    can be batched.
     """
 
     height: int
     width: int
-    tile: int = 256
+    tile: object = 256
     margin: int = 32
     multiple: int = 16
     tiles: list = field(init=False)
@@ -112,14 +113,18 @@ class TilePlan:
 
     def __post_init__(self):
         m = max(int(self.multiple), 1)
-        self.tile = int(-(-int(self.tile) // m) * m)
+        sides = (self.tile, self.tile) if np.ndim(self.tile) == 0 else tuple(self.tile)
+        if len(sides) != 2:
+            raise ValueError(f"tile must be a side or a (height, width) pair, got {self.tile}")
+        sides = tuple(int(-(-int(side) // m) * m) for side in sides)
+        self.tile = sides[0] if np.ndim(self.tile) == 0 else sides
         self.margin = int(-(-int(self.margin) // m) * m)
-        if self.tile <= 2 * self.margin:
+        if min(sides) <= 2 * self.margin:
             raise ValueError(f"tile {self.tile} must be larger than twice the margin {self.margin}")
         self.padded_shape = (int(-(-self.height // m) * m), int(-(-self.width // m) * m))
-        rows, row_cuts = _starts_and_cuts(self.padded_shape[0], self.tile, self.margin)
-        cols, col_cuts = _starts_and_cuts(self.padded_shape[1], self.tile, self.margin)
-        self.tile_shape = (min(self.tile, self.padded_shape[0]), min(self.tile, self.padded_shape[1]))
+        rows, row_cuts = _starts_and_cuts(self.padded_shape[0], sides[0], self.margin)
+        cols, col_cuts = _starts_and_cuts(self.padded_shape[1], sides[1], self.margin)
+        self.tile_shape = (min(sides[0], self.padded_shape[0]), min(sides[1], self.padded_shape[1]))
         self.tiles = [(top, left, rcut, ccut) for top, rcut in zip(rows, row_cuts)
                       for left, ccut in zip(cols, col_cuts)]
 

@@ -90,7 +90,7 @@ def lite_models(tmp_path_factory):
         cv2.imwrite(path, image)
         images.append(path)
     return {"root": root, "seg": seg, "det": det, "cls": cls, "cls_report": cls_report, "images": images,
-            "unet": unet, "dcrn": dcrn}
+            "unet": unet, "dcrn": dcrn, "seg_run": seg_run, "cls_run": cls_run}
 
 
 def test_tiled_edge_maps_equal_keras(lite_models):
@@ -167,3 +167,80 @@ def test_wrong_command_for_task(lite_models):
     result = subprocess.run([sys.executable, "-m", "serving.edge", lite_models["det"], "segment",
                              lite_models["images"][0]], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode != 0 and "detection model" in result.stderr
+
+
+# ----------------------------------------------------------------------------- static input (--input-size)
+
+
+@pytest.fixture(scope="module")
+def static_models(lite_models):
+    root = lite_models["root"]
+    seg, _ = tflite.export_tflite(lite_models["seg_run"], "float32", input_size=64, out=str(root / "seg_64.tflite"),
+                                  evaluate_model=False, **QUIET)
+    cls, cls_report = tflite.export_tflite(lite_models["cls_run"], "float32", input_size=16,
+                                           out=str(root / "cls_16.tflite"), repeats=1, max_images=2, **QUIET)
+    return {"seg": seg, "cls": cls, "cls_report": cls_report}
+
+
+def test_tile_plan_with_rectangular_tiles():
+    from serving.edge import fitting_margin
+    from serving.tiling import TilePlan
+
+    plan = TilePlan(150, 130, (64, 48), 16, 8)
+    assert plan.tile_shape == (64, 48) and plan.padded_shape == (152, 136) and plan.tile == (64, 48)
+    for top, left, (r0, r1), (c0, c1) in plan.tiles:
+        assert top % 8 == 0 and left % 8 == 0 and top + 64 <= 152 and left + 48 <= 136
+        # each tile keeps only what lies at least the margin inside it (or at the image border)
+        assert r0 == 0 or r0 - top >= 16
+        assert r1 == 152 or top + 64 - r1 >= 16
+        assert c0 == 0 or c0 - left >= 16
+        assert c1 == 136 or left + 48 - c1 >= 16
+    coords = np.stack(np.indices(plan.padded_shape), axis=-1)
+    stitched = plan.stitch([coords[top:top + 64, left:left + 48] for top, left, _, _ in plan.tiles])
+    assert np.array_equal(stitched, coords[:150, :130])
+    assert TilePlan(100, 100, 64, 16, 16).tile == 64  # a side stays an int
+    with pytest.raises(ValueError):
+        TilePlan(100, 100, (64, 32), 16, 16)  # 32 is not larger than twice the margin
+    assert fitting_margin((64, 64), 48, 8) == 24 and fitting_margin((104, 112), 46, 8) == 48
+    assert fitting_margin((16, 16), 16, 16) == 0 and fitting_margin((64, 48), 10, 8) == 16
+
+
+def test_static_segment_command_without_tensorflow(lite_models, static_models):
+    out = str(lite_models["root"] / "out_static")
+    images = lite_models["images"]
+    result = run_edge([[static_models["seg"], "segment", *images, "--out", out, "--tile", "160"],
+                       [static_models["seg"], "detect", images[0], "--out", out]])
+    assert "static 64x64 input: images run in 64x64 tiles, margin 24; --tile 160 overridden" in result.stderr
+    assert result.stdout.count(" ms -> ") == 3
+    lite = LiteModel(static_models["seg"])
+    for path in images:
+        image = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+        labels = cv2.imread(os.path.join(out, f"{os.path.splitext(os.path.basename(path))[0]}_labels.png"),
+                            cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint16 and labels.shape == image.shape[:2]
+        from serving.edge import instances
+
+        expected = instances(lite.predict_maps(image)[0], lite.meta["postprocess"])
+        assert np.array_equal(labels, expected)
+    assert os.path.exists(os.path.join(out, "small_centroids.csv"))
+
+
+def test_static_classifier_runs_batch_one(lite_models, static_models):
+    lite = LiteModel(static_models["cls"])
+    assert list(lite.interpreter.get_input_details()[0]["shape_signature"]) == [1, 16, 16, 3]
+    assert lite.static_batch == 1 and not lite.tiles_fixed
+    assert os.path.basename(static_models["cls"]) == "cls_16.tflite"
+    image = cv2.cvtColor(cv2.imread(lite_models["images"][0]), cv2.COLOR_BGR2RGB)
+    points = np.array([[20.0, 20.0], [60.0, 40.0], [5.0, 50.0], [88.0, 2.0], [45.0, 30.0]])
+    from serving.tiling import intensity_range, normalize_with_range, patches_at
+
+    patches = normalize_with_range(patches_at(image, points, 16), 3, intensity_range(image, 3))
+    probabilities = lite.classify(image, points, batch_size=2)  # chunks of 2 -> batch-1 calls
+    assert probabilities.shape == (5, 3)
+    assert np.abs(probabilities - lite_models["dcrn"].predict(patches, verbose=0)).max() < 1e-4
+    summary = static_models["cls_report"]["agreement"]["summary"]
+    assert summary["nuclei"] > 10 and summary["label_agreement"] == 1.0 and summary["max_abs_diff"] < 1e-4
+    with pytest.raises(ValueError, match="fixed at 16x16"):
+        lite.run(np.zeros((1, 24, 24, 3), np.float32))
+    with pytest.raises(ValueError, match="--input-size 24: this dcrn classifier takes 16x16 nucleus patches"):
+        tflite.export_tflite(lite_models["cls_run"], "float32", input_size=24, evaluate_model=False, **QUIET)

@@ -139,3 +139,136 @@ def test_mc_dropout_stays_stochastic_in_litert(tmp_path):
 def test_bad_quantize_name():
     with pytest.raises(ValueError):
         tflite.convert(None, "int4")
+
+
+# ----------------------------------------------------------------------------- static input (--input-size)
+
+
+@pytest.fixture(scope="module")
+def static_exports(unet_run):
+    run, _ = unet_run
+    return {
+        # 64x64 leaves a margin of 24 < the receptive radius (46): tiles reproduce the dynamic
+        # model's tiles exactly, not its whole-image maps
+        "64": tflite.export_tflite(run, "float32", input_size=64, repeats=1, max_images=1, **QUIET),
+        # 104x112 leaves the full margin of 48 >= 46: tiles reproduce whole-image maps
+        "wide": tflite.export_tflite(run, "float32", input_size="104x112", evaluate_model=False, **QUIET),
+        "int8": tflite.export_tflite(run, "int8", input_size="64x48", calibration=8, repeats=1, max_images=1,
+                                     **QUIET),
+    }
+
+
+def _ops(lite):
+    return {op["op_name"] for op in lite.interpreter._get_ops_details()}
+
+
+def _image(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, size=shape, dtype=np.uint8)
+
+
+def test_static_export_is_fully_static(static_exports, converted):
+    path, report = static_exports["64"]
+    assert os.path.basename(path) == "unet_float32_64x64.tflite"
+    lite = LiteModel(path)
+    assert list(lite.interpreter.get_input_details()[0]["shape_signature"]) == [1, 64, 64, 3]
+    assert list(lite.interpreter.get_output_details()[0]["shape_signature"]) == [1, 64, 64, 1]
+    assert lite.static_shape == (64, 64) and lite.static_batch == 1 and lite.tiles_fixed
+    # no shape arithmetic left around the transposed convolutions
+    assert "TRANSPOSE_CONV" in _ops(lite) and not {"SHAPE", "PACK"} & _ops(lite)
+    meta = json.load(open(os.path.splitext(path)[0] + ".json"))
+    assert meta["tflite"]["static_input"] == [1, 64, 64, 3] and report["static_input"] == [1, 64, 64, 3]
+    assert report["io"]["input"]["shape"] == [1, 64, 64, 3]
+    assert any("input fixed to [1, 64, 64, 3]" in note for note in report["notes"])
+    assert any("margin 24 (< receptive radius 46" in note and "at least 104" in note for note in report["notes"])
+    # the agreement report ran the whole test image through 64x64 tiles
+    agreement = report["agreement"]
+    assert agreement["static_tiles"] == {"tile": [64, 64], "margin": 24} and agreement["images"] == 1
+    assert agreement["summary"]["latency_ms"] > 0 and agreement["summary"]["max_abs_diff"] < 0.1
+    assert "64x64 tiles, margin 24" in open(os.path.splitext(path)[0] + ".report.md").read()
+    dynamic = LiteModel(converted["float32"][0])
+    assert dynamic.static_shape is None and not dynamic.tiles_fixed
+    assert json.load(open(os.path.splitext(converted["float32"][0])[0] + ".json"))["tflite"]["static_input"] is None
+
+
+def test_static_maps_equal_dynamic_export(static_exports, converted):
+    static, dynamic = LiteModel(static_exports["64"][0]), LiteModel(converted["float32"][0])
+    image = _image((90, 70, 3))  # not a multiple of 8 nor of the tile
+    margin = static.static_margin()
+    assert margin == 24  # the metadata's 48 lowered to leave 64x64 tiles a positive step
+    maps, _ = static.predict_maps(image, tile=256)  # --tile is ignored by a static model
+    assert maps.shape == (90, 70, 1)
+    # exactly the dynamic model's tiling with the same tiles (what tiling guarantees here:
+    # the margin is below the receptive radius, so not the whole-image maps)
+    same_tiles, _ = dynamic.predict_maps(image, tile=64, margin=margin)
+    assert np.abs(maps - same_tiles).max() < 1e-5
+
+    # a margin at least the receptive radius: the whole-image maps of the dynamic export
+    wide = LiteModel(static_exports["wide"][0])
+    assert wide.static_shape == (104, 112) and wide.static_margin() == 48 >= wide.meta["receptive_radius"]
+    image = _image((150, 130, 3), seed=1)
+    maps, _ = wide.predict_maps(image)
+    whole, _ = dynamic.predict_maps(image, tile=0)
+    assert maps.shape == (150, 130, 1) and np.abs(maps - whole).max() < 1e-4
+
+    # an image smaller than the tile is mirror-padded up to it and cropped back
+    from serving.edge import pad_to_tile
+    from serving.tiling import normalize_image
+
+    small = _image((20, 30, 3), seed=2)
+    maps, _ = static.predict_maps(small)
+    padded = pad_to_tile(normalize_image(small, 3), 8, (64, 64))
+    assert padded.shape == (64, 64, 3) and maps.shape == (20, 30, 1)
+    assert np.abs(maps - dynamic.run(padded[None])[0, :20, :30]).max() < 1e-5
+
+
+def test_static_run_batches_and_whole_images(static_exports, converted):
+    static, dynamic = LiteModel(static_exports["64"][0]), LiteModel(converted["float32"][0])
+    batch = np.random.default_rng(3).random((3, 64, 64, 3)).astype(np.float32)
+    out = static.run(batch)  # three batch-1 calls
+    assert out.shape == (3, 64, 64, 1) and np.abs(out - dynamic.run(batch)).max() < 1e-5
+    x = tflite.normalize_padded(_image((90, 70, 3)), static.meta)  # what evaluate() times
+    assert x.shape == (1, 96, 72, 3)
+    out = static.run(x)
+    assert out.shape == (1, 96, 72, 1) and np.array_equal(out[0], static.run_tiled(x[0]))
+
+
+def test_static_int8_converts_and_runs(static_exports, converted):
+    path, report = static_exports["int8"]
+    assert os.path.basename(path) == "unet_int8_64x48.tflite"
+    assert report["io"]["input"]["dtype"] == "uint8" and report["io"]["input"]["shape"] == [1, 64, 48, 3]
+    assert any("64x48 crops" in note for note in report["notes"])
+    lite = LiteModel(path)
+    assert lite.input_dtype == np.uint8 and lite.static_shape == (64, 48) and lite.static_margin() == 16
+    assert not {"SHAPE", "PACK"} & _ops(lite)
+    image = _image((90, 70, 3))
+    maps, _ = lite.predict_maps(image)
+    reference, _ = LiteModel(converted["float32"][0]).predict_maps(image, tile=(64, 48), margin=16)
+    assert maps.shape == (90, 70, 1) and np.abs(maps - reference).max() < TOLERANCE["int8"]
+    assert report["agreement"]["summary"]["max_abs_diff"] < TOLERANCE["int8"]
+
+
+def test_bad_input_size_fails_clearly_and_writes_nothing(unet_run):
+    run, _ = unet_run
+    export_dir = os.path.join(run, "export")
+    before = sorted(os.listdir(export_dir)) if os.path.isdir(export_dir) else []
+    with pytest.raises(ValueError, match="--input-size 100: must be a multiple of 8 for this unet") as error:
+        tflite.export_tflite(run, "float32", input_size=100, evaluate_model=False, **QUIET)
+    assert run in str(error.value)
+    with pytest.raises(SystemExit) as exit_:
+        tflite.main([run, "--input-size", "64x60", "--no-report"])
+    assert "--input-size 64x60: must be a multiple of 8 for this unet" in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:
+        tflite.main([run, "--input-size", "big", "--no-report"])
+    assert "expected N or HxW" in str(exit_.value.code)
+    with pytest.raises(ValueError, match="positive"):
+        tflite.export_tflite(run, "float32", input_size="0x64", evaluate_model=False, **QUIET)
+    after = sorted(os.listdir(export_dir)) if os.path.isdir(export_dir) else []
+    assert after == before
+
+
+def test_parse_input_size():
+    assert tflite.parse_input_size(64) == (64, 64) and tflite.parse_input_size("96x128") == (96, 128)
+    assert tflite.parse_input_size((32, 48)) == (32, 48) and tflite.parse_input_size(" 80 ") == (80, 80)
+    for bad in ("", "1x2x3", "axb", "64x"):
+        with pytest.raises(ValueError):
+            tflite.parse_input_size(bad)
