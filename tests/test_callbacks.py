@@ -35,3 +35,15 @@ def test_budget_stops_before_an_epoch_would_overrun_it():
 def test_without_budget_all_epochs_run():
     ran, _ = _fit(0)
     assert ran == 6
+
+
+def test_slow_first_epoch_does_not_end_the_budget_early():
+    # a 3 s first epoch (compiling) then 0.05 s epochs, 4 s budget: judged by the first
+    # epoch, training would stop after it (3 + 3 > 4); the estimate must use later epochs.
+    budget = TimeBudget(4.0 / 60, lambda message: None)
+    budget.on_train_begin()
+    budget._start -= 3.0
+    budget._durations = [3.0]
+    assert budget.next_epoch_estimate() == 3.0
+    budget._durations = [3.0, 0.05, 0.08]
+    assert budget.next_epoch_estimate() == 0.08

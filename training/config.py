@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 # Written into a run's config.json beside the settings; ignored when the file is read back.
-PROVENANCE_KEYS = ("_comment", "precision_used", "kerasnuc_version", "keras_version", "backend", "machine")
+PROVENANCE_KEYS = ("_comment", "precision_used", "kerasnuc_version", "keras_version", "backend", "machine",
+                   "data_relocated_from")
 TASKS = ("segmentation", "detection", "classification")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
