@@ -147,6 +147,53 @@ def representative_inputs(run_dir, meta, count=64, seed=0, size=None):
     return samples
 
 
+def activation_peaks(model, samples, batch_size=8):
+    """(samples, layers) max |activation| of each sample at the layers whose int8 ranges are
+    shared or summed (Add, Concatenate, Conv2DTranspose) and at the output; and the names."""
+    kinds = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Conv2DTranspose)
+    layers = [layer for layer in model.layers if isinstance(layer, kinds)]
+    outputs = [layer.output for layer in layers] + list(model.outputs)
+    names = [layer.name for layer in layers] + ["output"]
+    probe = keras.Model(model.inputs, outputs)
+    peaks = []
+    for i in range(0, len(samples), batch_size):
+        batch = np.concatenate(samples[i:i + batch_size])
+        values = probe.predict(batch, verbose=0)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        peaks.append(np.stack([np.abs(np.asarray(v, np.float32)).reshape(len(batch), -1).max(axis=1)
+                               for v in values], axis=1))
+    return np.concatenate(peaks), names
+
+
+def drop_outlier_samples(model, samples, factor=4.0):
+    """(kept samples, note or None): calibration without the few crops whose activations are
+    ``factor`` x the median crop's at some layer.
+
+    Why: int8 ranges are the min/max over the calibration set, and TFLite gives a
+    concatenation one scale for all its inputs. One atypical crop (a full-contrast image
+    among low-contrast ones: 10x the usual activations in a UD-Net decoder) then widens a
+    skip connection's range tenfold and leaves it a few int8 levels, which wrecked that
+    detector's maps (F1 0.75 -> 0.09). Those crops still run at inference; only their
+    extreme activations saturate.
+    """
+    if factor <= 0 or len(samples) < 8:
+        return samples, None
+    peaks, names = activation_peaks(model, samples)
+    median = np.median(peaks, axis=0)
+    ratio = peaks / np.maximum(median, 1e-6)
+    outliers = np.nonzero((ratio > factor).any(axis=1))[0]
+    if len(outliers) > len(samples) // 4:  # not a few outliers but a spread-out distribution: keep all
+        return samples, (f"int8 calibration: {len(outliers)} of {len(samples)} samples exceed {factor:g}x the "
+                         f"median activation peak; too many to drop, all kept")
+    if not len(outliers):
+        return samples, None
+    worst = int(np.argmax(ratio.max(axis=0)))
+    kept = [sample for i, sample in enumerate(samples) if i not in set(outliers.tolist())]
+    return kept, (f"int8 calibration: dropped {len(outliers)} of {len(samples)} samples whose activations "
+                  f"reached {ratio[outliers].max():.1f}x the median peak (at {names[worst]}); "
+                  f"--calibration-outliers 0 keeps them")
+
+
 def nucleus_patches(records, meta):
     """(N, patch, patch, C) normalised patches at every nucleus of the records, (N,) classes or None.
 
@@ -382,10 +429,12 @@ def static_input_shape(run_dir, meta, input_size):
 
 
 def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats=3, threads=None,
-                  max_images=None, evaluate_model=True, log=None, input_size=None):
+                  max_images=None, evaluate_model=True, log=None, input_size=None, calibration_outliers=4.0):
     """Convert, write ``out`` + metadata + report; returns (path, report dict).
 
     ``input_size`` (N, "HxW" or (H, W)): a static [1, H, W, C] input (see the module docstring).
+    ``calibration_outliers``: int8 calibration drops samples with activations this many times
+    the median sample's (:func:`drop_outlier_samples`; 0 keeps all).
     """
     from export.metadata import load_model, run_metadata, write_json_atomic
     from serving.edge import LiteModel, fitting_margin
@@ -421,6 +470,10 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
         representative = representative_inputs(run_dir, meta, calibration, size=size)
         crop = (f"{meta['patch']}px patches" if meta["task"] == "classification" else
                 f"{size[0]}x{size[1]} crops" if size else f"{meta['tile']}px crops")
+        representative, outlier_note = drop_outlier_samples(convertible, representative, calibration_outliers)
+        if outlier_note:
+            notes.append(outlier_note)
+            log(outlier_note)
         notes.append(f"int8 calibrated on {len(representative)} {crop} of the training split")
     content = convert(convertible, quantize, representative)
     convert_seconds = time.time() - started
@@ -515,6 +568,9 @@ def main(argv=None):
                         help="static [1, H, W, C] input for edge accelerators (multiples of the model's "
                              "input multiple; classifiers: the patch size)")
     parser.add_argument("--calibration", type=int, default=64, help="int8: representative crops (default 64)")
+    parser.add_argument("--calibration-outliers", type=float, default=4.0, dest="calibration_outliers",
+                        metavar="FACTOR", help="int8: drop calibration crops whose activations reach FACTOR x "
+                                               "the median crop's at some layer (default 4; 0: keep all)")
     parser.add_argument("--repeats", type=int, default=3, help="latency: runs per image, median (default 3)")
     parser.add_argument("--threads", type=int, help="LiteRT threads for the report (default: runtime's choice)")
     parser.add_argument("--max-images", type=int, dest="max_images", help="evaluate on at most this many test images")
@@ -524,7 +580,8 @@ def main(argv=None):
 
     try:
         export_tflite(args.run_dir, args.quantize, args.out, args.calibration, args.repeats, args.threads,
-                      args.max_images, evaluate_model=not args.no_report, input_size=args.input_size)
+                      args.max_images, evaluate_model=not args.no_report, input_size=args.input_size,
+                      calibration_outliers=args.calibration_outliers)
     except (RunError, ValueError) as error:
         sys.exit(f"export.tflite: {error}")
 

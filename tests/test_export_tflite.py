@@ -272,3 +272,40 @@ def test_parse_input_size():
     for bad in ("", "1x2x3", "axb", "64x"):
         with pytest.raises(ValueError):
             tflite.parse_input_size(bad)
+
+
+def _skip_model():
+    """conv -> (Add with the input) -> Concatenate: the layer kinds whose int8 ranges are shared."""
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(1, 3, padding="same", kernel_initializer="ones", name="conv")(inputs)
+    added = keras.layers.Add(name="add")([conv, inputs])
+    return keras.Model(inputs, keras.layers.Concatenate(name="cat")([added, inputs]))
+
+
+def test_calibration_drops_a_crop_with_extreme_activations():
+    rng = np.random.default_rng(0)
+    samples = [rng.uniform(0, 1, (1, 8, 8, 1)).astype("float32") for _ in range(16)]
+    samples[5] = samples[5] * 40  # one atypical crop: 40x the activations everywhere
+    kept, note = tflite.drop_outlier_samples(_skip_model(), samples, factor=4)
+    assert len(kept) == 15 and not any(k is samples[5] for k in kept)
+    assert note and "dropped 1 of 16" in note
+    kept_all, note_all = tflite.drop_outlier_samples(_skip_model(), samples, factor=0)
+    assert len(kept_all) == 16 and note_all is None
+
+
+def test_calibration_keeps_all_when_outliers_are_not_rare():
+    rng = np.random.default_rng(1)
+    samples = [rng.uniform(0, 1, (1, 8, 8, 1)).astype("float32") * (40 if i % 3 == 0 else 1) for i in range(16)]  # 6 of 16
+    kept, note = tflite.drop_outlier_samples(_skip_model(), samples, factor=4)
+    assert len(kept) == 16 and "too many to drop" in note
+
+
+def test_segnet_pooling_indices_convert(tmp_path):
+    """SegNet's argmax pooling converts to LiteRT builtins (Keras' TF argmax emits BitwiseAnd,
+    which LiteRT lacks) and gives the Keras maps."""
+    keras.utils.set_random_seed(0)
+    model = models.build("segnet", input_shape=(None, None, 3), filters=4, depth=3)
+    run = write_run(str(tmp_path / "segnet"), model, model_config={"filters": 4, "depth": 3}, tile=64,
+                    postprocess={"threshold": 0.5, "min_distance": 3, "min_area": 5})
+    _, report = tflite.export_tflite(run, "float32", repeats=1, max_images=1, **QUIET)
+    assert report["agreement"]["summary"]["max_abs_diff"] < 1e-5

@@ -130,6 +130,14 @@ def test_segnet_unpools_by_the_pooling_indices():
     assert not any(isinstance(layer, keras.layers.UpSampling2D) for layer in segnet.layers)
 
 
+def test_pooling_indices_are_the_first_argmax_of_each_window():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)  # many ties inside windows
+    _, indices = models.MaxPoolingWithIndices()(x)
+    windows = x.reshape(2, 3, 2, 4, 2, 3).transpose(0, 1, 3, 5, 2, 4).reshape(2, 3, 4, 3, 4)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(indices), windows.argmax(-1))
+
+
 @pytest.mark.parametrize("name", ["r2unet", "udnet", "dcrn"])
 def test_recurrent_steps_do_not_share_batchnorm(name):
     """Recurrent convs share conv weights across steps but never a BatchNorm: a shared one

@@ -23,8 +23,12 @@ class MaxPoolingWithIndices(keras.layers.Layer):
         windows = ops.reshape(inputs, (-1, h // 2, 2, w // 2, 2, c))
         windows = ops.transpose(windows, (0, 1, 3, 5, 2, 4))
         windows = ops.reshape(windows, (-1, h // 2, w // 2, c, 4))
-        indices = ops.cast(ops.argmax(windows, axis=-1), "int32")
         pooled = ops.max(windows, axis=-1)
+        # argmax as "first position equal to the max" (ties: the first, as argmax): Keras'
+        # TensorFlow argmax adds a negative-zero check with bitwise ops that LiteRT lacks.
+        is_max = ops.cast(ops.equal(windows, ops.expand_dims(pooled, -1)), windows.dtype)
+        first = ops.max(is_max * ops.convert_to_tensor([4.0, 3.0, 2.0, 1.0], windows.dtype), axis=-1)
+        indices = ops.cast(4.0 - first, "int32")
         return pooled, indices
 
     def compute_output_shape(self, input_shape):
