@@ -83,7 +83,7 @@ def run(config, overwrite=False, log=None):
     from kerasnuc.data.imageio import DataError
     from kerasnuc.data.splits import kfold_splits, train_val_test_split
     from training.config import default_run_dir
-    from training.precision import apply_precision
+    from training.precision import accelerator_name, apply_precision
     from training.rundir import RunDirectory
 
     started = time.time()
@@ -117,7 +117,8 @@ def run(config, overwrite=False, log=None):
         f"{len(split['val'])} val, {len(split['test'])} test")
     resolved = {**config.to_dict(), "precision_used": policy, "kerasnuc_version": __version__,
                 "keras_version": keras.__version__, "backend": keras.backend.backend(),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                            "accelerator": accelerator_name()}}
     run_dir.write_json("config.json", resolved)
     if len(splits) > 1:
         run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", "folds": splits})

@@ -24,6 +24,30 @@ def gpu_available():
     return False
 
 
+def accelerator_name():
+    """The GPU the active backend trains on (e.g. 'NVIDIA H200'), or None: recorded in config.json."""
+    if not gpu_available():
+        return None
+    try:
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            return next(d.device_kind for d in jax.devices() if d.platform == "gpu")
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpu = tf.config.list_physical_devices("GPU")[0]
+            return tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        return "GPU"
+    return "GPU"
+
+
 def resolve_precision(requested):
     """'auto' -> 'mixed_float16' with a GPU else 'float32'; others pass through."""
     if requested == "auto":

@@ -35,8 +35,14 @@ def pack(shared, out, wheels):
     pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels]
     subprocess.run(pip + WHEELS, check=True)
     subprocess.run(pip + PLATFORM + BINARY_WHEELS, check=True)
-    source = os.path.join(shared, DATASET)
-    target = os.path.join(out, DATASET)
+    target = pack_dataset(os.path.join(shared, DATASET), os.path.join(out, DATASET))
+    size = sum(os.path.getsize(p) for d in (wheels, out) for p in glob.glob(os.path.join(d, "**"), recursive=True)
+               if os.path.isfile(p))
+    print(f"packed {wheels}/ and {target}/: {size / 2**20:.1f} MiB to carry (limit 64 MiB with the checkout)")
+
+
+def pack_dataset(source, target):
+    """Copy ``source`` without images/ to ``target``, images as bit-exact lossless WebP in webp/."""
     tmp = target + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("images"))
@@ -52,13 +58,11 @@ def pack(shared, out, wheels):
         data.tofile(os.path.join(tmp, "webp", name))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    size = sum(os.path.getsize(p) for d in (wheels, out) for p in glob.glob(os.path.join(d, "**"), recursive=True)
-               if os.path.isfile(p))
-    print(f"packed {wheels}/ and {target}/: {size / 2**20:.1f} MiB to carry (limit 64 MiB with the checkout)")
+    return target
 
 
-def unpack(out):
-    folder = os.path.join(out, DATASET)
+def unpack(out, dataset=DATASET):
+    folder = os.path.join(out, dataset)
     images = os.path.join(folder, "images")
     os.makedirs(images, exist_ok=True)
     files = sorted(glob.glob(os.path.join(folder, "webp", "*.webp")))

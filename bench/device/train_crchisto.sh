@@ -7,7 +7,7 @@
 #   here:    python3 bench/device/pack.py
 #   device:  run(command="bash bench/device/train_crchisto.sh 6", carry=[".whl", "device_data"])
 #
-# Each run folder is tarred into $OUT as soon as its job ends, so one that finishes comes back even
+# Each run folder is tarred (in 12 MiB parts) into $OUT as soon as its job ends, so one that finishes comes back even
 # if the other does not. EXTRA adds flags to both (a dry run here: EXTRA="--epochs 1 --steps-per-epoch 2").
 set -u
 MINUTES=${1:-6}
@@ -27,7 +27,8 @@ train() {  # name config [flags...]
   echo "$name: exit $?"
   tail -n 25 "runs/device/$name.log"
   cp "runs/device/$name.log" "$OUT/"
-  [ -d "runs/device/$name" ] && tar czf "$OUT/$name.tgz" -C runs/device "$name"
+  # files over 16 MiB do not come back from the device: parts of 12 MiB (cat NAME.tgz.* | tar xzf -)
+  [ -d "runs/device/$name" ] && tar czf - -C runs/device "$name" | split -b 12m - "$OUT/$name.tgz."
 }
 
 train udnet_crchisto configs/udnet_crchisto.json &
