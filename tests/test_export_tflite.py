@@ -309,3 +309,7 @@ def test_segnet_pooling_indices_convert(tmp_path):
                     postprocess={"threshold": 0.5, "min_distance": 3, "min_area": 5})
     _, report = tflite.export_tflite(run, "float32", repeats=1, max_images=1, **QUIET)
     assert report["agreement"]["summary"]["max_abs_diff"] < 1e-5
+    # int8: indices stay integers and unpooling is a select, so only rounding differs
+    # (a quantised one-hot * values gave mean |diff| 0.05 here, and Dice 0.75 -> 0.61 on MoNuSeg)
+    _, report = tflite.export_tflite(run, "int8", calibration=16, repeats=1, max_images=1, **QUIET)
+    assert report["agreement"]["summary"]["mean_abs_diff"] < 0.01

@@ -26,9 +26,11 @@ class MaxPoolingWithIndices(keras.layers.Layer):
         pooled = ops.max(windows, axis=-1)
         # argmax as "first position equal to the max" (ties: the first, as argmax): Keras'
         # TensorFlow argmax adds a negative-zero check with bitwise ops that LiteRT lacks.
-        is_max = ops.cast(ops.equal(windows, ops.expand_dims(pooled, -1)), windows.dtype)
-        first = ops.max(is_max * ops.convert_to_tensor([4.0, 3.0, 2.0, 1.0], windows.dtype), axis=-1)
-        indices = ops.cast(4.0 - first, "int32")
+        # Integers throughout, so that an int8 TFLite export keeps exact indices (a float
+        # index tensor would be quantised, and its int32 cast would read the raw int8 codes).
+        is_max = ops.cast(ops.equal(windows, ops.expand_dims(pooled, -1)), "int32")
+        first = ops.max(is_max * ops.convert_to_tensor([4, 3, 2, 1], "int32"), axis=-1)
+        indices = 4 - first
         return pooled, indices
 
     def compute_output_shape(self, input_shape):
@@ -48,8 +50,11 @@ class MaxUnpoolingWithIndices(keras.layers.Layer):
         values, indices = inputs
         shape = ops.shape(values)
         h, w, c = shape[1], shape[2], values.shape[-1]
-        one_hot = ops.one_hot(indices, 4, dtype=values.dtype)
-        scattered = one_hot * ops.expand_dims(values, -1)
+        # a select, not one_hot(indices) * values: in an int8 TFLite export the one-hot
+        # tensor would be quantised and its "1" read as a raw code (outputs 15-70x too large)
+        chosen = ops.equal(ops.expand_dims(indices, -1), ops.convert_to_tensor([0, 1, 2, 3], "int32"))
+        values = ops.expand_dims(values, -1)
+        scattered = ops.where(chosen, values, ops.zeros_like(values))
         scattered = ops.reshape(scattered, (-1, h, w, c, 2, 2))
         scattered = ops.transpose(scattered, (0, 1, 4, 2, 5, 3))
         return ops.reshape(scattered, (-1, h * 2, w * 2, c))
