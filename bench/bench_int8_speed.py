@@ -146,6 +146,14 @@ def main(argv=None):
     log(f"wrote {args.out}/int8_speed.md and int8_speed.json ({len(rows)} rows, {result['seconds']} s)")
 
 
+def rewrite_markdown(json_path):
+    """Regenerate the .md beside a results .json (e.g. one measured on another machine)."""
+    with open(json_path) as handle:
+        result = json.load(handle)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as handle:
+        handle.write(markdown(result))
+
+
 def markdown(result):
     best = max((r["speedup"] for r in result["rows"]), default=0.0)
     lines = ["# int8 vs float32 LiteRT speed by model (bench/bench_int8_speed.py)", "",
@@ -159,8 +167,11 @@ def markdown(result):
     met = "met" if best >= result["target"] else "NOT met"
     m = result["machine"]
     lines += ["", f"Target: int8 at least {result['target']}x faster than float32: **{met}** (best {best:.2f}x).", "",
-              f"CPU SIMD flags: {', '.join(result['cpu_flags']) or 'none found'} (no VNNI means no int8 dot-product "
-              "instructions: XNNPACK's int8 kernels widen to 16 bits and gain little over FMA float32).", "",
+              f"CPU SIMD flags: {', '.join(result['cpu_flags']) or 'none found'} ("
+              + ("VNNI: int8 dot-product instructions, which XNNPACK's int8 kernels use)."
+                 if any("vnni" in f for f in result["cpu_flags"]) else
+                 "no VNNI, so no int8 dot-product instructions: XNNPACK's int8 kernels widen to 16 bits "
+                 "and gain little over FMA float32).") + "", "",
               f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, ai-edge-litert {m['ai_edge_litert']}; "
               f"load average before {result['load_average']['before']}, after {result['load_average']['after']} "
               f"(the CPU is shared); {result['date']}; {result['seconds']} s in all.", ""]
