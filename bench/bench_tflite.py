@@ -255,9 +255,11 @@ def markdown(r):
                   "float32 kernels (FMA) are as fast as its int8 ones for this narrow U-Net, and int8 adds "
                   "re-quantisation at every concatenation. int8 beat float32 here only in: "
                   f"{'; '.join(faster) or 'none'} (LiteRT's builtin kernels are slower than XNNPACK for both). "
-                  "Converting for a fixed input size and per-tensor weight quantisation were tried separately "
-                  "(by hand, 128x128 inputs, not by this script): no change (float32 5.8 ms, int8 6.4-7.1 ms). "
-                  f"The int8 file is {ratio:.1f}x smaller.", ""]
+                  "A fixed input size (`export.tflite --input-size`) and per-tensor weight quantisation were "
+                  "tried separately (128x128 inputs, not by this script): no change (float32 5.8 ms, int8 "
+                  f"6.4-7.1 ms). The int8 file is {ratio:.1f}x smaller. Wider models gain more "
+                  "(`bench/bench_int8_speed.py`: up to 1.23x here), and a CPU with VNNI gains what this one "
+                  "cannot (`results/int8_speed_vnni.md`: 1.4-3.3x on one thread).", ""]
     lines += [
               f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, "
               f"TensorFlow {m['tensorflow']}, ai-edge-litert {m.get('ai_edge_litert')}; load average before "
