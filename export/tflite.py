@@ -167,7 +167,8 @@ def activation_peaks(model, samples, batch_size=8):
 
 def drop_outlier_samples(model, samples, factor=4.0):
     """(kept samples, note or None): calibration without the few crops whose activations are
-    ``factor`` x the median crop's at some layer.
+    ``factor`` x the median crop's at some layer (export_tflite then keeps whichever of the
+    two calibrations agrees better with the float model on other crops).
 
     Why: int8 ranges are the min/max over the calibration set, and TFLite gives a
     concatenation one scale for all its inputs. One atypical crop (a full-contrast image
@@ -189,9 +190,24 @@ def drop_outlier_samples(model, samples, factor=4.0):
         return samples, None
     worst = int(np.argmax(ratio.max(axis=0)))
     kept = [sample for i, sample in enumerate(samples) if i not in set(outliers.tolist())]
-    return kept, (f"int8 calibration: dropped {len(outliers)} of {len(samples)} samples whose activations "
-                  f"reached {ratio[outliers].max():.1f}x the median peak (at {names[worst]}); "
-                  f"--calibration-outliers 0 keeps them")
+    return kept, (f"int8 calibration: {len(outliers)} of {len(samples)} samples reach "
+                  f"{ratio[outliers].max():.1f}x the median sample's peak activation (at {names[worst]})")
+
+
+def int8_error(content, model, meta, samples):
+    """Mean |LiteRT - Keras| of the ``content`` .tflite over ``samples`` (lists of (1, ...) inputs)."""
+    import tempfile
+
+    from serving.edge import LiteModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "candidate.tflite")
+        with open(path, "wb") as handle:
+            handle.write(content)
+        lite = LiteModel(path, meta)
+        outputs = np.concatenate([lite.run(sample) for sample in samples])
+    reference = model.predict(np.concatenate(samples), batch_size=8, verbose=0)
+    return float(np.mean(np.abs(outputs - np.asarray(reference, np.float32))))
 
 
 def nucleus_patches(records, meta):
@@ -470,12 +486,28 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
         representative = representative_inputs(run_dir, meta, calibration, size=size)
         crop = (f"{meta['patch']}px patches" if meta["task"] == "classification" else
                 f"{size[0]}x{size[1]} crops" if size else f"{meta['tile']}px crops")
-        representative, outlier_note = drop_outlier_samples(convertible, representative, calibration_outliers)
+        trimmed, outlier_note = drop_outlier_samples(convertible, representative, calibration_outliers)
         if outlier_note:
             notes.append(outlier_note)
             log(outlier_note)
+        if len(trimmed) < len(representative):
+            # keep whichever calibration agrees better with the float model on other crops
+            check = representative_inputs(run_dir, meta, 16, seed=1, size=size)
+            candidates = {"without them": convert(convertible, quantize, trimmed),
+                          "with all": convert(convertible, quantize, representative)}
+            errors = {name: int8_error(content, convertible, meta, check) for name, content in candidates.items()}
+            choice = min(errors, key=errors.get)
+            note = (f"int8 calibration: mean |int8 - float| on {len(check)} other training crops "
+                    + ", ".join(f"{name} {error:.4g}" for name, error in errors.items()) + f": used {choice}")
+            notes.append(note)
+            log(note)
+            content = candidates[choice]
+            representative = trimmed if choice == "without them" else representative
+        else:
+            content = convert(convertible, quantize, representative)
         notes.append(f"int8 calibrated on {len(representative)} {crop} of the training split")
-    content = convert(convertible, quantize, representative)
+    else:
+        content = convert(convertible, quantize, representative)
     convert_seconds = time.time() - started
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "wb") as handle:
@@ -569,8 +601,9 @@ def main(argv=None):
                              "input multiple; classifiers: the patch size)")
     parser.add_argument("--calibration", type=int, default=64, help="int8: representative crops (default 64)")
     parser.add_argument("--calibration-outliers", type=float, default=4.0, dest="calibration_outliers",
-                        metavar="FACTOR", help="int8: drop calibration crops whose activations reach FACTOR x "
-                                               "the median crop's at some layer (default 4; 0: keep all)")
+                        metavar="FACTOR", help="int8: also calibrate without the crops whose activations reach "
+                                               "FACTOR x the median crop's at some layer, and keep the calibration "
+                                               "closer to float32 on other crops (default 4; 0: all crops only)")
     parser.add_argument("--repeats", type=int, default=3, help="latency: runs per image, median (default 3)")
     parser.add_argument("--threads", type=int, help="LiteRT threads for the report (default: runtime's choice)")
     parser.add_argument("--max-images", type=int, dest="max_images", help="evaluate on at most this many test images")

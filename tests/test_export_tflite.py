@@ -288,7 +288,7 @@ def test_calibration_drops_a_crop_with_extreme_activations():
     samples[5] = samples[5] * 40  # one atypical crop: 40x the activations everywhere
     kept, note = tflite.drop_outlier_samples(_skip_model(), samples, factor=4)
     assert len(kept) == 15 and not any(k is samples[5] for k in kept)
-    assert note and "dropped 1 of 16" in note
+    assert note and "1 of 16 samples reach" in note
     kept_all, note_all = tflite.drop_outlier_samples(_skip_model(), samples, factor=0)
     assert len(kept_all) == 16 and note_all is None
 
@@ -313,3 +313,16 @@ def test_segnet_pooling_indices_convert(tmp_path):
     # (a quantised one-hot * values gave mean |diff| 0.05 here, and Dice 0.75 -> 0.61 on MoNuSeg)
     _, report = tflite.export_tflite(run, "int8", calibration=16, repeats=1, max_images=1, **QUIET)
     assert report["agreement"]["summary"]["mean_abs_diff"] < 0.01
+
+
+def test_int8_error_prefers_the_calibration_without_an_extreme_crop():
+    """What export_tflite uses to choose between calibrating with and without outlier crops."""
+    model = _skip_model()
+    rng = np.random.default_rng(2)
+    typical = [rng.uniform(0, 1, (1, 8, 8, 1)).astype("float32") for _ in range(12)]
+    extreme = typical[:11] + [typical[11] * 200]  # one crop widens every int8 range 200x
+    meta = {"task": "segmentation", "multiple": 1, "channels": 1}
+    check = [rng.uniform(0, 1, (1, 8, 8, 1)).astype("float32") for _ in range(4)]
+    clean = tflite.int8_error(tflite.convert(model, "int8", typical), model, meta, check)
+    widened = tflite.int8_error(tflite.convert(model, "int8", extreme), model, meta, check)
+    assert clean < 0.05 < widened
