@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from bench_tflite import SPEED_TARGET, cpu_flags, load_average  # noqa: E402
+from bench_tflite import SPEED_TARGET, alternating_medians, cpu_flags, load_average  # noqa: E402
 
 DEFAULT_RUNS = ["runs/gpu/udnet_crchisto", "runs/gpu/dcrn_crchisto", "runs/bench_tflite"]
 
@@ -81,15 +81,7 @@ def time_pair(paths, meta, size, threads, repeats):
     else:
         x = rng.uniform(0, 1, (1, size, size, channels)).astype(np.float32)
     lites = {name: LiteModel(path, meta, num_threads=threads) for name, path in paths.items()}
-    for lite in lites.values():
-        lite.run(x)
-    times = {name: [] for name in lites}
-    for _ in range(repeats):
-        for name, lite in lites.items():
-            started = time.perf_counter()
-            lite.run(x)
-            times[name].append(time.perf_counter() - started)
-    return {name: 1000 * float(np.median(t)) for name, t in times.items()}, list(x.shape)
+    return alternating_medians(lites, x, repeats), list(x.shape)
 
 
 def main(argv=None):

@@ -92,6 +92,20 @@ def quality(records, model, lites, meta):
     return rows
 
 
+def alternating_medians(lites, x, repeats):
+    """{name: median ms} of each LiteModel on ``x``, run alternately after one warm-up call each
+    (allocation, delegate preparation), so that load changes hit all of them alike."""
+    for lite in lites.values():
+        lite.run(x)
+    times = {name: [] for name in lites}
+    for _ in range(repeats):
+        for name, lite in lites.items():
+            started = time.perf_counter()
+            lite.run(x)
+            times[name].append(time.perf_counter() - started)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+
+
 def latency(records, paths, meta, threads, xnnpack, repeats):
     """Summed per-image median latency (ms) of each model, run alternately on the same inputs."""
     from export.tflite import normalize_padded
@@ -102,15 +116,7 @@ def latency(records, paths, meta, threads, xnnpack, repeats):
     per_image = []
     for record in records:
         x = normalize_padded(record.image, meta)
-        for lite in lites.values():
-            lite.run(x)  # warm-up (allocation, delegate preparation) for this shape
-        times = {name: [] for name in lites}
-        for _ in range(repeats):
-            for name, lite in lites.items():
-                started = time.perf_counter()
-                lite.run(x)
-                times[name].append(time.perf_counter() - started)
-        medians = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+        medians = alternating_medians(lites, x, repeats)
         for name in lites:
             totals[name] += medians[name]
         per_image.append({"name": record.name, "shape": list(x.shape[1:3]), **medians})

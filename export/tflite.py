@@ -189,7 +189,8 @@ def drop_outlier_samples(model, samples, factor=4.0):
     if not len(outliers):
         return samples, None
     worst = int(np.argmax(ratio.max(axis=0)))
-    kept = [sample for i, sample in enumerate(samples) if i not in set(outliers.tolist())]
+    dropped = set(outliers.tolist())
+    kept = [sample for i, sample in enumerate(samples) if i not in dropped]
     return kept, (f"int8 calibration: {len(outliers)} of {len(samples)} samples reach "
                   f"{ratio[outliers].max():.1f}x the median sample's peak activation (at {names[worst]})")
 
@@ -404,6 +405,35 @@ def normalize_padded(image, meta):
 # ----------------------------------------------------------------------------- export
 
 
+def calibrated_int8(convertible, run_dir, meta, calibration, outlier_factor, size, notes, log):
+    """int8 .tflite bytes calibrated on ``calibration`` training crops (``size`` (H, W) or the
+    training tile). Where some crops are outliers (:func:`drop_outlier_samples`), both
+    calibrations are converted and the one closer to the float model on 16 other training
+    crops is kept; ``notes`` gets what was done."""
+    representative = representative_inputs(run_dir, meta, calibration, size=size)
+    crop = (f"{meta['patch']}px patches" if meta["task"] == "classification" else
+            f"{size[0]}x{size[1]} crops" if size else f"{meta['tile']}px crops")
+    trimmed, outlier_note = drop_outlier_samples(convertible, representative, outlier_factor)
+    if outlier_note:
+        notes.append(outlier_note)
+        log(outlier_note)
+    if len(trimmed) < len(representative):
+        check = representative_inputs(run_dir, meta, 16, seed=1, size=size)
+        candidates = {"without them": (trimmed, convert(convertible, "int8", trimmed)),
+                      "with all": (representative, convert(convertible, "int8", representative))}
+        errors = {name: int8_error(content, convertible, meta, check) for name, (_, content) in candidates.items()}
+        choice = min(errors, key=errors.get)
+        note = (f"int8 calibration: mean |int8 - float| on {len(check)} other training crops "
+                + ", ".join(f"{name} {error:.4g}" for name, error in errors.items()) + f": used {choice}")
+        notes.append(note)
+        log(note)
+        representative, content = candidates[choice]
+    else:
+        content = convert(convertible, "int8", representative)
+    notes.append(f"int8 calibrated on {len(representative)} {crop} of the training split")
+    return content
+
+
 def default_output(run_dir, meta, quantize, static_input=None):
     size = f"_{static_input[1]}x{static_input[2]}" if static_input else ""
     return os.path.join(run_dir, "export", f"{meta['model'] or 'model'}_{quantize}{size}.tflite")
@@ -449,8 +479,7 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     """Convert, write ``out`` + metadata + report; returns (path, report dict).
 
     ``input_size`` (N, "HxW" or (H, W)): a static [1, H, W, C] input (see the module docstring).
-    ``calibration_outliers``: int8 calibration drops samples with activations this many times
-    the median sample's (:func:`drop_outlier_samples`; 0 keeps all).
+    ``calibration_outliers``: see :func:`calibrated_int8` (0: calibrate on all crops only).
     """
     from export.metadata import load_model, run_metadata, write_json_atomic
     from serving.edge import LiteModel, fitting_margin
@@ -479,35 +508,12 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
             note += (f" (< receptive radius {radius}: tile seams differ slightly from whole-image maps; "
                      f"sides of at least {enough} avoid it)")
         notes.append(note)
-    representative = None
     started = time.time()
     if quantize == "int8":
-        size = static[1:3] if static else None
-        representative = representative_inputs(run_dir, meta, calibration, size=size)
-        crop = (f"{meta['patch']}px patches" if meta["task"] == "classification" else
-                f"{size[0]}x{size[1]} crops" if size else f"{meta['tile']}px crops")
-        trimmed, outlier_note = drop_outlier_samples(convertible, representative, calibration_outliers)
-        if outlier_note:
-            notes.append(outlier_note)
-            log(outlier_note)
-        if len(trimmed) < len(representative):
-            # keep whichever calibration agrees better with the float model on other crops
-            check = representative_inputs(run_dir, meta, 16, seed=1, size=size)
-            candidates = {"without them": convert(convertible, quantize, trimmed),
-                          "with all": convert(convertible, quantize, representative)}
-            errors = {name: int8_error(content, convertible, meta, check) for name, content in candidates.items()}
-            choice = min(errors, key=errors.get)
-            note = (f"int8 calibration: mean |int8 - float| on {len(check)} other training crops "
-                    + ", ".join(f"{name} {error:.4g}" for name, error in errors.items()) + f": used {choice}")
-            notes.append(note)
-            log(note)
-            content = candidates[choice]
-            representative = trimmed if choice == "without them" else representative
-        else:
-            content = convert(convertible, quantize, representative)
-        notes.append(f"int8 calibrated on {len(representative)} {crop} of the training split")
+        content = calibrated_int8(convertible, run_dir, meta, calibration, calibration_outliers,
+                                  static[1:3] if static else None, notes, log)
     else:
-        content = convert(convertible, quantize, representative)
+        content = convert(convertible, quantize)
     convert_seconds = time.time() - started
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "wb") as handle:
