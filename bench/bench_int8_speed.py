@@ -54,7 +54,7 @@ def fresh_unet(filters, folder, log):
     """Export a fresh U-Net of ``filters`` base width as float32 and int8 (no report)."""
     import keras
 
-    from export.metadata import write_run
+    from kerasnuc.runs import write_run
     from export.tflite import export_tflite
     from kerasnuc import models
 
@@ -72,7 +72,7 @@ def fresh_unet(filters, folder, log):
 
 def time_pair(paths, meta, size, threads, repeats):
     """Median ms per call of each model, run alternately on one input."""
-    from serving.edge import LiteModel
+    from kerasnuc.predict.litert import LiteModel
 
     rng = np.random.default_rng(0)
     channels = int(meta["channels"])

@@ -73,8 +73,8 @@ def cpu_flags():
 def quality(records, model, lites, meta):
     """Per-image Dice against the truth (Keras and each LiteRT model) and max |map - Keras|."""
     from kerasnuc import metrics
-    from kerasnuc.inference import predict_maps
-    from serving.edge import _kwargs, instances
+    from kerasnuc.predict.runtimes import predict_maps
+    from kerasnuc.predict.postprocess import _kwargs, instances
     from kerasnuc.postprocess import instances_from_probability
 
     post = _kwargs(instances_from_probability, meta.get("postprocess"))
@@ -109,7 +109,7 @@ def alternating_medians(lites, x, repeats):
 def latency(records, paths, meta, threads, xnnpack, repeats):
     """Summed per-image median latency (ms) of each model, run alternately on the same inputs."""
     from export.tflite import normalize_padded
-    from serving.edge import LiteModel
+    from kerasnuc.predict.litert import LiteModel
 
     lites = {name: LiteModel(path, meta, num_threads=threads, xnnpack=xnnpack) for name, path in paths.items()}
     totals = {name: 0.0 for name in lites}
@@ -148,10 +148,10 @@ def main(argv=None):
     if args.run is None and (args.retrain or not os.path.exists(os.path.join(run, "model.keras"))):
         train_seconds = train_default_run(run, args.epochs, args.steps, log)
 
-    from export.metadata import load_model, records_of_split, run_metadata
+    from kerasnuc.runs import load_model, records_of_split, run_metadata
     from export.tflite import export_tflite, machine_info
     from kerasnuc.data import load_dataset
-    from serving.edge import LiteModel
+    from kerasnuc.predict.litert import LiteModel
 
     model = load_model(run)
     meta = run_metadata(run, model)

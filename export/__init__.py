@@ -4,7 +4,7 @@
   atomic versions, deployment files); ``python -m export.saved_model RUN --base BASE``.
 * :mod:`export.tflite`: LiteRT flatbuffers in float32 / float16 / dynamic-range / int8,
   each with a metadata JSON and an agreement/latency report; ``python -m export.tflite RUN``.
-* :mod:`export.metadata`: the run facts every export carries (task, channels, classes,
+* :mod:`kerasnuc.runs`: the run facts every export carries (task, channels, classes,
   tile, thresholds, versions).
 
 Importing this package imports neither TensorFlow nor Keras.

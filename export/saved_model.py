@@ -9,12 +9,12 @@ renamed into place when complete. The base also gets ``models.config``,
 ``batching_parameters.txt`` and ``compose.yaml`` (see :mod:`export.deploy`).
 
 Signatures (inputs are uint8 pixels; normalisation happens in the graph, exactly as
-``kerasnuc.data.intensity.normalize_image``: per-image min-max, RGB <-> grey conversion):
+``kerasnuc.intensity.normalize_image``: per-image min-max, RGB <-> grey conversion):
 
 segmentation / detection
     ``serving_default``: ``image`` uint8 [batch, height, width, 1 or 3] -> ``maps`` float32
     [batch, height, width, K]. Any height and width: the graph pads to the model's multiple
-    (reflect, as ``kerasnuc.inference.pad_to_multiple``) and crops back.
+    (reflect, as ``kerasnuc.predict.tiling.pad_to_multiple``) and crops back.
     ``with_range``: also ``intensity_range`` float32 [batch, 2] = (min, max) of the whole
     image after channel conversion, for tiles of a larger image (serving.client uses it).
 classification
@@ -28,7 +28,7 @@ Monte-Carlo dropout models
 every model
     ``metadata``: no inputs -> ``kerasnuc_json`` string scalar: the JSON of
     ``assets.extra/kerasnuc.json`` (task, channels, classes, tiles, thresholds, versions; see
-    :mod:`export.metadata`) except ``version``, which is only fixed when the folder is published.
+    :mod:`kerasnuc.runs`) except ``version``, which is only fixed when the folder is published.
 """
 
 import argparse
@@ -91,7 +91,7 @@ def pad_to_multiple(x, multiple):
     """Pad [B, H, W, C] at the bottom/right to multiples of ``multiple``; returns (padded, H, W).
 
     Reflect padding where the image is larger than the padding, else edge padding: the
-    rule of ``kerasnuc.inference.pad_to_multiple``, done with gathers so both modes work
+    rule of ``kerasnuc.predict.tiling.pad_to_multiple``, done with gathers so both modes work
     for any size.
     """
     import tensorflow as tf
@@ -190,7 +190,7 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
     import keras
 
     from export.deploy import write_deploy_files
-    from export.metadata import load_model, run_metadata, write_json_atomic
+    from kerasnuc.runs import load_model, run_metadata, write_json_atomic
 
     log = log or (lambda message: print(message, flush=True))
     model = load_model(run_dir)
@@ -263,7 +263,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:
         sys.exit("export.saved_model: --version must be a positive integer")
-    from export.metadata import RunError
+    from kerasnuc.runs import RunError
 
     try:
         path = export_saved_model(args.run_dir, args.base, args.version, args.name, args.mc_samples)

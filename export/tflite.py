@@ -118,8 +118,9 @@ def representative_inputs(run_dir, meta, count=64, seed=0, size=None):
     """``count`` normalised float32 crops (or nucleus patches) of the run's training images.
 
     Crops are ``size`` = (height, width) (default the training tile, square)."""
-    from export.metadata import records_of_split
-    from serving.tiling import normalize_image, pad_to_multiple
+    from kerasnuc.runs import records_of_split
+    from kerasnuc.intensity import normalize_image
+    from kerasnuc.predict.tiling import pad_to_multiple
 
     records = records_of_split(run_dir, "train")
     if not records:
@@ -199,7 +200,7 @@ def int8_error(content, model, meta, samples):
     """Mean |LiteRT - Keras| of the ``content`` .tflite over ``samples`` (lists of (1, ...) inputs)."""
     import tempfile
 
-    from serving.edge import LiteModel
+    from kerasnuc.predict.litert import LiteModel
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "candidate.tflite")
@@ -217,8 +218,8 @@ def nucleus_patches(records, meta):
     Patches are normalised with their whole image's range, as ClassificationDataset does;
     nuclei are the classified points, else points, else instance centroids.
     """
-    from export.metadata import nucleus_points
-    from serving.tiling import intensity_range, normalize_with_range, patches_at
+    from kerasnuc.runs import nucleus_points
+    from kerasnuc.predict.tiling import intensity_range, normalize_with_range, patches_at
 
     patches, classes, known = [], [], True
     for record in records:
@@ -286,7 +287,7 @@ def check_stochastic(lite, meta):
 
 
 def _keras_maps(model, image, meta, samples):
-    from kerasnuc.inference import predict_maps
+    from kerasnuc.predict.runtimes import predict_maps
 
     maps = [predict_maps(model, image, meta["channels"], meta["multiple"]) for _ in range(samples)]
     return np.mean(maps, axis=0).astype(np.float32)
@@ -305,9 +306,10 @@ def _truth_points(record):
 def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=None, split="test",
              records=None):
     """Agreement of the .tflite with the Keras model and LiteRT latency on held-out images."""
-    from export.metadata import records_of_split
+    from kerasnuc.runs import records_of_split
     from kerasnuc import metrics
-    from serving.edge import LiteModel, centroids, instances
+    from kerasnuc.predict.litert import LiteModel
+    from kerasnuc.predict.postprocess import centroids, instances
 
     lite = LiteModel(path, meta, num_threads=threads)
     if records is None:
@@ -397,7 +399,8 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
 
 
 def normalize_padded(image, meta):
-    from serving.tiling import normalize_image, pad_to_multiple
+    from kerasnuc.intensity import normalize_image
+    from kerasnuc.predict.tiling import pad_to_multiple
 
     return pad_to_multiple(normalize_image(image, meta["channels"]), meta["multiple"])[None]
 
@@ -481,8 +484,9 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     ``input_size`` (N, "HxW" or (H, W)): a static [1, H, W, C] input (see the module docstring).
     ``calibration_outliers``: see :func:`calibrated_int8` (0: calibrate on all crops only).
     """
-    from export.metadata import load_model, run_metadata, write_json_atomic
-    from serving.edge import LiteModel, fitting_margin
+    from kerasnuc.runs import load_model, run_metadata, write_json_atomic
+    from kerasnuc.predict.litert import LiteModel
+    from kerasnuc.predict.tiling import fitting_margin
 
     log = log or (lambda message: print(message, flush=True))
     if input_size is not None:
@@ -615,7 +619,7 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, dest="max_images", help="evaluate on at most this many test images")
     parser.add_argument("--no-report", action="store_true", help="skip the agreement/latency evaluation")
     args = parser.parse_args(argv)
-    from export.metadata import RunError
+    from kerasnuc.runs import RunError
 
     try:
         export_tflite(args.run_dir, args.quantize, args.out, args.calibration, args.repeats, args.threads,

@@ -6,7 +6,7 @@
 * :mod:`serving.client`: tiles images, sends them to TF-Serving or the embedded server,
   stitches and post-processes into nuclei; ``python -m serving.client --target ... IMAGE``.
 * :mod:`serving.edge`: runs a ``.tflite`` with LiteRT, without TensorFlow.
-* :mod:`serving.tiling`: NumPy tiling/stitching/normalisation shared by client and edge.
+* :mod:`kerasnuc.predict.tiling`: NumPy tiling/stitching/normalisation shared by client and edge.
 
 Importing this package imports nothing heavy (edge must run without TensorFlow).
 """

@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from serving.tiling import TilePlan, intensity_range, patches_at  # noqa: E402
+from kerasnuc.predict.tiling import TilePlan, intensity_range, patches_at  # noqa: E402
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 

@@ -17,10 +17,10 @@ pytest.importorskip("ai_edge_litert")
 cv2 = pytest.importorskip("cv2")
 
 from export import tflite  # noqa: E402
-from export.metadata import write_run  # noqa: E402
+from kerasnuc.runs import write_run  # noqa: E402
 from kerasnuc import models  # noqa: E402
-from kerasnuc.inference import predict_maps  # noqa: E402
-from serving.edge import LiteModel  # noqa: E402
+from kerasnuc.predict.runtimes import predict_maps  # noqa: E402
+from kerasnuc.predict.litert import LiteModel  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 QUIET = {"log": lambda message: None}
@@ -146,7 +146,7 @@ def test_classifier_int8_export_report(lite_models):
     lite = LiteModel(lite_models["cls"])
     image = cv2.cvtColor(cv2.imread(lite_models["images"][0]), cv2.COLOR_BGR2RGB)
     points = np.array([[20.0, 20.0], [60.0, 40.0]])
-    from serving.tiling import intensity_range, normalize_with_range, patches_at
+    from kerasnuc.predict.tiling import intensity_range, normalize_with_range, patches_at
 
     patches = normalize_with_range(patches_at(image, points, 16), 3, intensity_range(image, 3))
     keras_probabilities = lite_models["dcrn"].predict(patches, verbose=0)
@@ -183,8 +183,8 @@ def static_models(lite_models):
 
 
 def test_tile_plan_with_rectangular_tiles():
-    from serving.edge import fitting_margin
-    from serving.tiling import TilePlan
+    from kerasnuc.predict.tiling import fitting_margin
+    from kerasnuc.predict.tiling import TilePlan
 
     plan = TilePlan(150, 130, (64, 48), 16, 8)
     assert plan.tile_shape == (64, 48) and plan.padded_shape == (152, 136) and plan.tile == (64, 48)
@@ -218,7 +218,7 @@ def test_static_segment_command_without_tensorflow(lite_models, static_models):
         labels = cv2.imread(os.path.join(out, f"{os.path.splitext(os.path.basename(path))[0]}_labels.png"),
                             cv2.IMREAD_UNCHANGED)
         assert labels.dtype == np.uint16 and labels.shape == image.shape[:2]
-        from serving.edge import instances
+        from kerasnuc.predict.postprocess import instances
 
         expected = instances(lite.predict_maps(image)[0], lite.meta["postprocess"])
         assert np.array_equal(labels, expected)
@@ -232,7 +232,7 @@ def test_static_classifier_runs_batch_one(lite_models, static_models):
     assert os.path.basename(static_models["cls"]) == "cls_16.tflite"
     image = cv2.cvtColor(cv2.imread(lite_models["images"][0]), cv2.COLOR_BGR2RGB)
     points = np.array([[20.0, 20.0], [60.0, 40.0], [5.0, 50.0], [88.0, 2.0], [45.0, 30.0]])
-    from serving.tiling import intensity_range, normalize_with_range, patches_at
+    from kerasnuc.predict.tiling import intensity_range, normalize_with_range, patches_at
 
     patches = normalize_with_range(patches_at(image, points, 16), 3, intensity_range(image, 3))
     probabilities = lite.classify(image, points, batch_size=2)  # chunks of 2 -> batch-1 calls

@@ -14,9 +14,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from export import saved_model as sm  # noqa: E402
-from export.metadata import write_run  # noqa: E402
+from kerasnuc.runs import write_run  # noqa: E402
 from kerasnuc import models  # noqa: E402
-from kerasnuc.inference import predict_maps  # noqa: E402
+from kerasnuc.predict.runtimes import predict_maps  # noqa: E402
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

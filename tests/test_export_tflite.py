@@ -13,10 +13,10 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("ai_edge_litert")
 
 from export import tflite  # noqa: E402
-from export.metadata import write_run  # noqa: E402
+from kerasnuc.runs import write_run  # noqa: E402
 from kerasnuc import models  # noqa: E402
-from kerasnuc.inference import predict_maps  # noqa: E402
-from serving.edge import LiteModel  # noqa: E402
+from kerasnuc.predict.runtimes import predict_maps  # noqa: E402
+from kerasnuc.predict.litert import LiteModel  # noqa: E402
 
 # max |Keras - LiteRT| of sigmoid maps allowed per quantisation (PLATFORM.md measured
 # f32 0, f16 1e-4, dynamic 2e-3, int8 4e-3 on a U-Net; tiny untrained models are rougher)
@@ -211,8 +211,8 @@ def test_static_maps_equal_dynamic_export(static_exports, converted):
     assert maps.shape == (150, 130, 1) and np.abs(maps - whole).max() < 1e-4
 
     # an image smaller than the tile is mirror-padded up to it and cropped back
-    from serving.edge import pad_to_tile
-    from serving.tiling import normalize_image
+    from kerasnuc.predict.tiling import pad_to_tile
+    from kerasnuc.predict.tiling import normalize_image
 
     small = _image((20, 30, 3), seed=2)
     maps, _ = static.predict_maps(small)

@@ -10,7 +10,7 @@ import pytest
 
 from kerasnuc.data import load_dataset
 from kerasnuc.data.augment import Augmenter
-from kerasnuc.data.intensity import normalize_image
+from kerasnuc.intensity import normalize_image
 from kerasnuc.data.pipeline import (ClassificationDataset, DetectionDataset, SegmentationDataset,
                                     classified_points, record_points)
 from kerasnuc.data.targets import extract_patches, instance_centroids

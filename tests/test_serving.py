@@ -18,9 +18,9 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from export import saved_model as sm  # noqa: E402
-from export.metadata import write_run  # noqa: E402
+from kerasnuc.runs import write_run  # noqa: E402
 from kerasnuc import models  # noqa: E402
-from kerasnuc.inference import predict_maps  # noqa: E402
+from kerasnuc.predict.runtimes import predict_maps  # noqa: E402
 from serving.client import ServingClient, ServingError  # noqa: E402
 from serving.server import create_server  # noqa: E402
 
@@ -188,7 +188,7 @@ def test_client_retries_unavailable_then_gives_up():
 
 
 def test_client_with_classifier_and_mc_models(served):
-    from serving.tiling import intensity_range, normalize_with_range, patches_at
+    from kerasnuc.predict.tiling import intensity_range, normalize_with_range, patches_at
 
     root = os.path.dirname(served["base"])
     keras.utils.set_random_seed(4)

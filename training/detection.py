@@ -19,7 +19,7 @@ import numpy as np
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import DetectionDataset, record_points
-from kerasnuc.inference import predict_maps
+from kerasnuc.predict.runtimes import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import centroids_from_density
 from training import plots

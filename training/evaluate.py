@@ -198,12 +198,13 @@ def predict_record(model, record, settings):
     ``settings.mc_samples`` > 1: that many stochastic passes (each with all its TTA views);
     "mean" is their mean, "variance" their variance.
     """
-    from kerasnuc.data.intensity import normalize_image
-    from kerasnuc.inference import pad_to_multiple
+    from kerasnuc.intensity import normalize_image
     from kerasnuc.postprocess import predict_tta
+    from kerasnuc.predict.tiling import pad_to_multiple
 
     x = normalize_image(record.image, settings.channels)
-    padded, (height, width) = pad_to_multiple(x, settings.multiple)
+    height, width = x.shape[:2]
+    padded = pad_to_multiple(x, settings.multiple)
 
     def run(batch):
         return _predict_batch(model, batch)
@@ -456,7 +457,7 @@ def evaluate_classification(records, predict_patches_fn, patch, channels, class_
     Patches are cut from ``normalize_image(image, channels)`` (as in training). Images
     without classified nuclei are skipped (counted in ``skipped_images``).
     """
-    from kerasnuc.data.intensity import normalize_image
+    from kerasnuc.intensity import normalize_image
     from kerasnuc.data.pipeline import classified_points
     from kerasnuc.data.targets import extract_patches
     from kerasnuc.metrics import classification_report

@@ -4,9 +4,10 @@ Everything goes to ``<run>.incomplete/`` and the folder is renamed to ``<run>`` 
 when the run has finished; JSON files are written through a temporary file.
 """
 
-import json
 import os
 import shutil
+
+from kerasnuc.runs import read_json, write_json_atomic  # noqa: F401  (the run folder's JSON rules)
 
 
 class RunDirectory:
@@ -40,29 +41,6 @@ class RunDirectory:
             shutil.rmtree(self.final_path)
         os.replace(self.path, self.final_path)
         return self.final_path
-
-
-def write_json_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def read_json(path):
-    with open(path) as handle:
-        return json.load(handle)
 
 
 class _SubRun:

@@ -10,7 +10,7 @@ import numpy as np
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import SegmentationDataset
-from kerasnuc.inference import predict_maps
+from kerasnuc.predict.runtimes import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import instances_from_probability
 from training import plots

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from kerasnuc.data.augment import Augmenter
-from kerasnuc.data.intensity import normalize_image
+from kerasnuc.intensity import normalize_image
 from kerasnuc.data.targets import (density_map, foreground, instance_centroids, point_pixels,
                                    reflect_indices, segmentation_target)
 

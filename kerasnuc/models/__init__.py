@@ -6,6 +6,7 @@
 >>> model = models.build("unet", input_shape=(None, None, 3), filters=16)
 """
 
+from kerasnuc import losses as _losses  # noqa: F401  (registers the losses a model.keras names)
 from kerasnuc.models.dcrn import build_dcrn, build_densenet
 from kerasnuc.models.layers import MaxPoolingWithIndices, MaxUnpoolingWithIndices, MCDropout
 from kerasnuc.models.mc_unet import build_mc_unet

@@ -1,9 +1,9 @@
-"""Tiling, stitching, normalisation and patch cutting for the serving client and the edge runner.
+"""Padding, tiling, stitching and patch cutting: the one copy, used by the prediction engine.
 
 NumPy only (no TensorFlow, no OpenCV), so it runs wherever LiteRT runs.
 
 Why tiles reproduce the whole image exactly: the image is first padded to the model's
-multiple (the rule of ``kerasnuc.inference.pad_to_multiple``), tiles start at multiples
+multiple (``pad_to_multiple``), tiles start at multiples
 of it (so every tile sees the same max-pooling grid as the whole image), every tile is
 normalised with the *whole* image's min and max (training normalised whole images), and
 each tile keeps only its centre: neighbouring tiles overlap by at least ``2 * margin`` and
@@ -16,48 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["TilePlan", "convert_channels", "intensity_range", "normalize_with_range",
-           "normalize_image", "pad_to_multiple", "reflect_indices", "patches_at"]
+from kerasnuc.intensity import convert_channels, intensity_range, normalize_image, normalize_with_range  # noqa: F401
 
-
-def convert_channels(image, channels):
-    """(H, W[, C]) (or a (N, H, W, C) stack) -> float32 with ``channels`` channels: grey = mean
-    of RGB, RGB = repeated grey; a 4th (alpha) channel is dropped."""
-    x = np.asarray(image)
-    if x.ndim == 2:
-        x = x[..., None]
-    if x.ndim < 3 or x.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected (H, W) or (..., H, W, 1|3|4) pixels, got shape {x.shape}")
-    x = x.astype(np.float32)
-    if x.shape[-1] == 4:
-        x = x[..., :3]
-    if channels == 1 and x.shape[-1] == 3:
-        x = x.mean(axis=-1, keepdims=True)
-    elif channels == 3 and x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return x
-
-
-def intensity_range(image, channels):
-    """(min, max) of the image after channel conversion, as ``normalize_image`` uses them."""
-    x = convert_channels(image, channels)
-    return float(x.min()), float(x.max())
-
-
-def normalize_with_range(image, channels, value_range):
-    """Float32 model input of (a part of) an image, normalised with the given (min, max)."""
-    low, high = value_range
-    return (convert_channels(image, channels) - low) / max(high - low, 1e-6)
-
-
-def normalize_image(image, channels):
-    """Same arithmetic as ``kerasnuc.data.intensity.normalize_image`` (per-image min-max)."""
-    return normalize_with_range(image, channels, intensity_range(image, channels))
+__all__ = ["TilePlan", "pad_to_multiple", "reflect_indices", "patches_at"]
 
 
 def pad_to_multiple(image, multiple):
     """Pad (H, W, C) at the bottom/right to multiples: reflect where the image is larger than
-    the padding, else edge (the rule of ``kerasnuc.inference.pad_to_multiple``)."""
+    the padding, else edge."""
     height, width = image.shape[:2]
     pad_h, pad_w = (-height) % multiple, (-width) % multiple
     if not (pad_h or pad_w):
@@ -183,3 +149,23 @@ def patches_at(image, points, size):
         cols = reflect_indices(col + offsets, width)
         out[k] = image[rows][:, cols]
     return out
+
+
+def fitting_margin(tile_shape, margin, multiple):
+    """``margin`` rounded up to ``multiple`` (as TilePlan does), lowered to the largest multiple
+    that leaves every side of a ``tile_shape`` tile a positive step (``side > 2 * margin``)."""
+    m = max(int(multiple), 1)
+    margin = -(-max(int(margin), 0) // m) * m
+    limit = ((min(tile_shape) - 1) // 2) // m * m
+    return int(max(0, min(margin, limit)))
+
+
+def pad_to_tile(image, multiple, tile_shape):
+    """(H, W, C) padded at the bottom/right to multiples of ``multiple`` (the whole-image rule)
+    and then, by mirroring, up to at least ``tile_shape``."""
+    padded = pad_to_multiple(image, multiple)
+    extra = (max(0, tile_shape[0] - padded.shape[0]), max(0, tile_shape[1] - padded.shape[1]))
+    if not any(extra):
+        return padded
+    mode = "reflect" if min(padded.shape[:2]) > 1 else "edge"
+    return np.pad(padded, ((0, extra[0]), (0, extra[1])) + ((0, 0),) * (padded.ndim - 2), mode=mode)

@@ -1,4 +1,5 @@
-"""What every export carries about the run it came from (one place for SavedModel, TFLite, serving).
+"""The run folder's one owner: reading a training run back, and what every export and the
+prediction engine carry about it (one place for SavedModel, TFLite, serving, ``kerasnuc.predict``).
 
 A run directory (``python -m training.fit``) holds ``config.json``, ``model.keras``,
 ``thresholds.json``, ``split.json`` and, with stain normalisation, ``stain.json``.
@@ -34,7 +35,6 @@ import datetime
 import json
 import os
 
-from training.rundir import write_json_atomic  # noqa: F401  (re-exported for export.saved_model and export.tflite)
 
 FORMAT = "kerasnuc-export/1"
 
@@ -42,7 +42,7 @@ NORMALIZATION = {
     "method": "per_image_min_max",
     "formula": "x = convert_channels(float32(image)); (x - min(x)) / max(max(x) - min(x), 1e-6)",
     "convert_channels": "to 1 channel: mean over channels; to 3 channels: repeat grey",
-    "reference": "kerasnuc.data.intensity.normalize_image",
+    "reference": "kerasnuc.intensity.normalize_image",
     "tiles": "tiles and patches of a larger image use the whole image's (min, max) "
              "(the intensity_range input of the *_with_range signatures)",
 }
@@ -55,6 +55,25 @@ class RunError(ValueError):
 
 
 _REQUIRED = object()
+
+
+def write_json_atomic(path, data):
+    """JSON through a temporary file, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def read_json(path, default=_REQUIRED):

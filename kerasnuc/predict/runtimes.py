@@ -1,0 +1,83 @@
+"""Where the network runs: one ``run(batch)`` and one metadata record per kind of model.
+
+* :class:`KerasRuntime`: a ``training.fit`` run folder (``model.keras``, loaded without its
+  training compile state, so a model trained under JAX with ``jit_compile`` runs plainly).
+* :class:`kerasnuc.predict.litert.LiteModel`: a ``.tflite`` export (no TensorFlow, Keras or JAX).
+* :class:`GrpcRuntime`: a TF-Serving target (``host:port`` + model name), the official
+  ``tensorflow-serving-api`` stub on the ``maps`` output of the normalised-input signature.
+
+The metadata keys are those of :func:`kerasnuc.runs.run_metadata`.
+"""
+
+import os
+
+import numpy as np
+
+
+class KerasRuntime:
+    """A run folder's ``model.keras`` (Keras safe mode, uncompiled) with the run's metadata."""
+
+    def __init__(self, run_dir=None, measure=True, model=None, meta=None):
+        self.static_shape = None
+        if model is not None:  # a model in memory (training, tests)
+            self.path, self.model, self.meta = "<in memory>", model, dict(meta or {})
+            return
+        from kerasnuc import runs
+
+        self.path = os.path.abspath(run_dir)
+        self.model = runs.load_model(run_dir)
+        self.meta = runs.run_metadata(run_dir, self.model, measure=measure)
+
+    def run(self, batch):
+        batch = np.asarray(batch, np.float32)
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+
+
+def predict_maps(model, image, channels, multiple=16):
+    """(H, W, K) float32 map of a whole uint8 image by a Keras model in memory (training's
+    held-out evaluation and the export checks): the engine with one untiled pass."""
+    from kerasnuc.predict.engine import Predictor
+
+    runtime = KerasRuntime(model=model, meta={"channels": channels, "multiple": multiple})
+    return Predictor(runtime).predict_maps(image, tile=0, samples=1)[0]
+
+
+class GrpcRuntime:
+    """A model served by TF-Serving (``serving.server`` or ``tensorflow_model_server``)."""
+
+    def __init__(self, target, model_name, timeout=60.0):
+        from serving.client import ServingClient
+
+        self.path = f"{target}/{model_name}"
+        self.client = ServingClient(target, model_name, timeout=timeout)
+        self.meta = self.client.meta
+        self.static_shape = None
+        self.takes_raw = True  # the server's graph normalises (the "with_range" signature)
+
+    def run_raw(self, tiles, value_range):
+        """uint8 tiles + the whole image's (min, max) -> float32 model output (one pass)."""
+        ranges = np.repeat(np.asarray(value_range, np.float32)[None], len(tiles), axis=0)
+        key = "probabilities" if self.meta.get("task") == "classification" else "maps"
+        out = self.client.predict("with_range", {"image": np.ascontiguousarray(tiles), "intensity_range": ranges},
+                                  (key,))
+        return np.asarray(out[key], np.float32)
+
+
+def open_runtime(source, model_name=None, **options):
+    """The runtime for a run folder, a ``.tflite`` file or a ``host:port`` target (+ ``model_name``)."""
+    source = os.fspath(source)
+    if source.endswith(".tflite"):
+        from kerasnuc.predict.litert import LiteModel
+
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{source}: .tflite file not found")
+        return LiteModel(source, num_threads=options.get("num_threads"))
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "model.keras")) or os.path.exists(os.path.join(source, "config.json")):
+            return KerasRuntime(source, measure=options.get("measure", True))
+        raise ValueError(f"{source}: neither a training run folder (model.keras + config.json) nor a .tflite file")
+    if ":" in source and model_name:
+        return GrpcRuntime(source, model_name)
+    if ":" in source:
+        raise ValueError(f"{source}: a TF-Serving target needs a model name (model_name=...)")
+    raise FileNotFoundError(f"{source}: no such run folder or .tflite file")
