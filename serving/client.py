@@ -217,7 +217,8 @@ def main(argv=None):
     parser.add_argument("--save-maps", action="store_true", dest="save_maps", help="also write <stem>_maps.npy")
     args = parser.parse_args(argv)
 
-    from serving.edge import _apply_stain, _kwargs, points_for, read_image, write_labels_png, write_points_csv
+    from kerasnuc.predict.postprocess import _kwargs
+    from serving.edge import _apply_stain, points_for, read_image, write_labels_png, write_points_csv
 
     metadata = None
     if args.metadata:

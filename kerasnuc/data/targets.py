@@ -10,6 +10,8 @@ integers, so pixel (row r, column c) covers x in [c - 0.5, c + 0.5).
 import numpy as np
 from scipy import ndimage
 
+from kerasnuc.predict.tiling import reflect_indices  # noqa: F401  (the one mirror rule; augment imports it here)
+
 __all__ = ["foreground", "three_class", "distance_map", "density_map", "extract_patches",
            "instance_centroids", "point_pixels", "reflect_indices", "SEGMENTATION_TARGETS",
            "segmentation_target"]
@@ -143,20 +145,6 @@ def instance_centroids(labels):
         return np.zeros((0, 2)), ids.astype(np.int64)
     centres = np.asarray(ndimage.center_of_mass(np.ones(labels.shape), labels, ids), dtype=np.float64)
     return centres[:, ::-1].copy(), ids.astype(np.int64)
-
-
-def reflect_indices(indices, size):
-    """Map any integer indices into [0, size) by mirror reflection without repeating the edge.
-
-    Same rule as ``np.pad(mode="reflect")`` / OpenCV ``BORDER_REFLECT_101``, for any distance
-    outside (the pattern repeats with period 2 * (size - 1)).
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    if size == 1:
-        return np.zeros_like(indices)
-    period = 2 * (size - 1)
-    indices = np.mod(indices, period)
-    return np.where(indices >= size, period - indices, indices)
 
 
 def extract_patches(image, points, size=32):
