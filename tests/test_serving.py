@@ -215,3 +215,24 @@ def test_client_with_classifier_and_mc_models(served):
         mean, variance = client.predict_maps(image, tile=64, margin=16)  # uncertainty_with_range, tiled
     assert mean.shape == variance.shape == (70, 100, 1)
     assert variance.max() > 0 and np.all(variance >= 0) and np.all((mean >= 0) & (mean <= 1))
+
+
+def test_engine_grpc_runtime_gives_the_keras_instances(served, shared_data):
+    """kerasnuc.load(host:port, model_name) runs the same engine as the run folder (AJI >= 0.99)."""
+    import glob
+
+    import kerasnuc
+    from kerasnuc import metrics
+    from kerasnuc.data.imageio import read_image
+
+    paths = sorted(glob.glob(os.path.join(shared_data, "dsb2018", "stage1_test", "images", "*.png")))
+    if not paths:
+        pytest.skip("DSB 2018 stage1_test not in ../shared/data")
+    image = read_image(paths[0], channels=3)
+    remote = kerasnuc.load(served["target"], model_name="unet")
+    local = kerasnuc.load(served["run"])
+    assert remote.meta["tile_margin"] == local.meta["tile_margin"]
+    a, _ = local.predict_instances(image)
+    b, _ = remote.predict_instances(image)
+    assert a.max() > 0
+    assert metrics.aggregated_jaccard_index(a, b) >= 0.99
