@@ -4,7 +4,10 @@
     kerasnuc-predict runs/unet-20261125 images/ --out nuclei/ --classifier runs/dcrn-20261126
 
 MODEL is a training run folder, a ``.tflite`` export or a TF-Serving ``host:port`` (with
-``--model-name``). INPUT is an image file or a folder of them. Per image ``<stem>`` it writes
+``--model-name``). INPUT is an image file, a whole slide (pyramidal TIFF / OME-TIFF, or SVS,
+NDPI, MRXS, SCN... with the ``[wsi]`` extra) or a folder of them. Slides are read at the
+level nearest the model's pixel size (``--mpp`` overrides), glass is skipped, and positions
+are reported in level-0 pixels. Per image ``<stem>`` it writes
 ``<stem>_labels.tif`` (uint32 instance labels; ``--labels-ext png`` for 16-bit PNG),
 ``<stem>.geojson`` (QuPath detections with measurements), ``<stem>_nuclei.csv`` and
 ``<stem>_overlay.png``. Files are written atomically; outputs that already exist are skipped
@@ -13,48 +16,79 @@ exit code is 1 if any failed).
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+from kerasnuc.predict.sources import SLIDE_EXTENSIONS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + SLIDE_EXTENSIONS
 
 
 def expand_inputs(inputs):
-    """Image files of the given files and folders (a folder: its images, sorted)."""
+    """Image and slide files of the given files and folders (a folder: its images, sorted)."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
             paths += sorted(os.path.join(item, name) for name in os.listdir(item)
-                            if name.lower().endswith(IMAGE_EXTENSIONS))
+                            if name.lower().endswith(IMAGE_EXTENSIONS) and ".tmp" not in name)
         else:
             paths.append(item)
     return paths
 
 
 def output_paths(out, path, formats, labels_ext):
-    stem = os.path.splitext(os.path.basename(path))[0]
+    name = os.path.basename(path)
+    stem = name[:-len(".ome.tiff")] if name.lower().endswith(".ome.tiff") else os.path.splitext(name)[0]
+    stem = stem[:-len(".ome")] if stem.lower().endswith(".ome") else stem
     names = {"labels": f"{stem}_labels.{labels_ext}", "geojson": f"{stem}.geojson",
              "csv": f"{stem}_nuclei.csv", "overlay": f"{stem}_overlay.png"}
     return {fmt: os.path.join(out, names[fmt]) for fmt in formats}
 
 
-def predict_file(predictor, path, targets, mpp=None):
-    """Read, predict, write every target; returns the number of nuclei."""
-    from kerasnuc.data.imageio import read_image
-    from kerasnuc.predict import writers
+class Outputs:
+    """The writers of one input, fed block by block; all renamed into place at ``close``."""
 
-    image = read_image(path)
-    labels, table = predictor.predict_instances(image)
-    if "labels" in targets:
-        writers.write_labels(targets["labels"], labels)
-    if "geojson" in targets:
-        writers.write_geojson(targets["geojson"], labels, table, mpp=mpp)
-    if "csv" in targets:
-        writers.write_table_csv(targets["csv"], table, mpp=mpp)
-    if "overlay" in targets:
-        writers.write_overlay(targets["overlay"], image, labels)
-    return len(table["id"])
+    def __init__(self, targets, view, predictor, mpp):
+        from kerasnuc.predict import writers
+        from kerasnuc.predict.measure import empty_table
+
+        self.writers = {}
+        level0_mpp = getattr(getattr(view, "slide", None), "mpp", None) or getattr(view, "mpp", None) or mpp
+        self.downsample = view.downsample
+        try:
+            if "labels" in targets:
+                self.writers["labels"] = writers.LabelsWriter(targets["labels"], view.shape, view.mpp or mpp)
+            if "geojson" in targets:
+                names = (predictor.classifier.meta.get("class_names") if predictor.classifier else None)
+                self.writers["geojson"] = writers.GeoJSONWriter(targets["geojson"], level0_mpp, names)
+            if "csv" in targets:
+                columns = list(empty_table(view.shape[2], predictor.classifier is not None, predictor.stochastic))
+                self.writers["csv"] = writers.CSVWriter(targets["csv"], columns, level0_mpp)
+            if "overlay" in targets:
+                self.writers["overlay"] = writers.OverlayWriter(targets["overlay"], view)
+        except BaseException:
+            self.abort()
+            raise
+        self.nuclei = 0
+
+    def add(self, result):
+        for fmt, writer in self.writers.items():
+            if fmt == "geojson":
+                writer.add(result.labels, result.table, offset=result.box[::2], downsample=self.downsample)
+            elif fmt == "csv":
+                writer.add(result.table)
+            else:
+                writer.add(result)
+        self.nuclei += len(result.table["id"])
+
+    def close(self):
+        return [writer.close() for writer in self.writers.values()]
+
+    def abort(self):
+        for writer in self.writers.values():
+            writer.abort()
 
 
 def main(argv=None):
@@ -63,14 +97,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kerasnuc.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run folder, .tflite file or host:port of TF-Serving")
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("inputs", nargs="+", help="image or slide files, or folders of them")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help=f"comma-separated, any of {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--model-name", help="model name on a TF-Serving target")
     parser.add_argument("--classifier", help="classification model (run folder or .tflite) for every nucleus")
     parser.add_argument("--labels-ext", choices=("tif", "png"), default="tif")
-    parser.add_argument("--mpp", type=float, help="pixel size in µm (default: the run's, if recorded)")
+    parser.add_argument("--mpp", type=float,
+                        help="pixel size (µm) to predict at (default: the model's, as recorded in its run)")
+    parser.add_argument("--image-mpp", type=float,
+                        help="pixel size (µm) of the inputs when their files do not record it")
+    parser.add_argument("--no-tissue-mask", action="store_true",
+                        help="predict every block of a slide (default: skip glass found on the thumbnail)")
     parser.add_argument("--block", type=int, default=2048, help="block side for large images (default 2048)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist")
     args = parser.parse_args(argv)
@@ -80,38 +119,73 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown --format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     from kerasnuc.predict import load
+    from kerasnuc.predict.sources import open_view
 
     try:
         predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block)
     except (OSError, ValueError) as error:
         sys.exit(f"kerasnuc.predict: {error}")
-    mpp = args.mpp or predictor.meta.get("mpp")
+    model_mpp = predictor.meta.get("mpp")
     paths = expand_inputs(args.inputs)
     if not paths:
         sys.exit("kerasnuc.predict: no input images found")
     os.makedirs(args.out, exist_ok=True)
+    todo, skipped = [], []
+    for path in paths:
+        targets = output_paths(args.out, path, formats, args.labels_ext)
+        if not args.overwrite and all(os.path.exists(t) for t in targets.values()):
+            skipped.append(path)
+        else:
+            todo.append((path, targets))
+    views = [functools.partial(open_view, path, args.mpp, model_mpp, args.image_mpp) for path, _ in todo]
     from rich.progress import Progress
 
-    written, skipped, failed, nuclei = [], [], [], 0
+    written, failed, nuclei = [], [], 0
+    outputs, broken = {}, set()
     started = time.perf_counter()
+
+    def fail(index, error):
+        failed.append(todo[index][0])
+        broken.add(index)
+        if index in outputs:
+            outputs.pop(index).abort()
+        progress.console.print(f"kerasnuc.predict: {error}", style="red")
+
     with Progress(transient=True) as progress:
-        task = progress.add_task("images", total=len(paths))
-        for path in paths:
-            targets = output_paths(args.out, path, formats, args.labels_ext)
-            if not args.overwrite and all(os.path.exists(t) for t in targets.values()):
-                skipped.append(path)
-            else:
-                try:
-                    count = predict_file(predictor, path, targets, mpp)
-                    nuclei += count
-                    written.extend(targets.values())
-                    progress.console.print(f"{path}: {count} nuclei")
-                except (OSError, ValueError) as error:
-                    failed.append(path)
-                    progress.console.print(f"kerasnuc.predict: {error}", style="red")
-            progress.advance(task)
+        files = progress.add_task("images", total=len(todo))
+        blocks = progress.add_task("blocks", total=None)
+        for result in predictor.stream(views, skip_glass=not args.no_tissue_mask):
+            index = result.index
+            if index in broken:
+                continue
+            path, targets = todo[index]
+            if result.error is not None:
+                error = result.error
+                fail(index, error if isinstance(error, (OSError, ValueError)) else f"{path}: {error!r}")
+                progress.advance(files)
+                continue
+            try:
+                if index not in outputs:
+                    outputs[index] = Outputs(targets, result.view, predictor, args.image_mpp or model_mpp)
+                    progress.reset(blocks, total=result.total, description=os.path.basename(path))
+                if not result.skipped:
+                    outputs[index].add(result)
+                progress.update(blocks, completed=result.done)
+                if result.done == result.total:
+                    done = outputs.pop(index)
+                    written += done.close()
+                    nuclei += done.nuclei
+                    shape = result.view.shape
+                    progress.console.print(f"{path}: {done.nuclei} nuclei ({shape[1]} x {shape[0]} px"
+                                           + (f", {result.total} blocks" if result.total > 1 else "") + ")")
+                    progress.advance(files)
+            except (OSError, ValueError) as error:
+                fail(index, error)
+                progress.advance(files)
+    for leftover in outputs.values():
+        leftover.abort()
     elapsed = time.perf_counter() - started
-    print(f"{len(paths) - len(skipped) - len(failed)} images, {nuclei} nuclei in {elapsed:.1f} s; "
+    print(f"{len(todo) - len(failed)} images, {nuclei} nuclei in {elapsed:.1f} s; "
           f"{len(written)} files written to {args.out}"
           + (f"; {len(skipped)} skipped (outputs exist; --overwrite to redo)" if skipped else "")
           + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))

@@ -29,6 +29,7 @@ class Predictor:
         self.block = int(block)
         self.block_overlap = block_overlap
         self.classifier = None
+        self._ranges = {}
 
     # -- facts
 
@@ -149,58 +150,118 @@ class Predictor:
         return points_from_maps(maps, self.task, self.meta.get("postprocess") or {})
 
     def predict_instances(self, image, tile=None, margin=None, samples=None, labels_out=None, progress=None):
-        """(instance labels (H, W) uint32, nucleus table) of a uint8 image of any size.
+        """(instance labels (H, W) uint32, nucleus table) of an image of any size.
 
-        The table is a dict of equal-length columns (:func:`kerasnuc.predict.measure.measure`):
+        ``image``: an (H, W[, C]) array or a view (:mod:`kerasnuc.predict.sources`, e.g. a
+        slide). The table is a dict of equal-length columns (:func:`kerasnuc.predict.measure.measure`):
         id, centroid, bounding box, area, perimeter, eccentricity, solidity, mean intensity per
         channel, and class / class probability with an attached classifier, mean uncertainty
-        for Monte-Carlo models. ``labels_out``: an (H, W) array to write into (a memmap or a
-        zarr array for slides); ``progress(done, total)`` is called after each block.
+        for Monte-Carlo models; positions and sizes in level-0 pixels. ``labels_out``: an
+        (H, W) array to write into (a zarr array for slides); ``progress(done, total)`` is
+        called after each block.
         """
-        from kerasnuc.predict.measure import measure
+        from kerasnuc.predict.measure import concat_tables, empty_table
 
+        view = as_view(image)
+        labels = labels_out if labels_out is not None else np.zeros(view.shape[:2], np.uint32)
+        tables = []
+        for result in self.stream([view], tile, margin, samples):
+            if result.error is not None:
+                raise result.error
+            paste_labels(labels, result)
+            if len(result.table["id"]):
+                tables.append(result.table)
+            if progress is not None:
+                progress(result.done, result.total)
+        table = concat_tables(tables) if tables else empty_table(view.shape[2], self.classifier is not None,
+                                                                 self.stochastic)
+        return labels, table
+
+    def stream(self, views, tile=None, margin=None, samples=None, skip_glass=True, depth=2):
+        """:class:`BlockResult` for every block of every view, in order.
+
+        ``views``: views, arrays, or callables that open one (so files open as they are
+        reached, and one that fails gives a result with ``error`` set while the others go on).
+        The network runs ``depth`` blocks ahead in a background thread while this thread
+        post-processes and measures, so both cores stay busy. Blocks of a slide without tissue
+        in its thumbnail are skipped. Ids are global within a view.
+        """
         if self.task != "segmentation":
             raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
                              "(use predict_points)")
-        image = _as_hwc(image)
-        height, width = image.shape[:2]
-        value_range = intensity_range(image, self.channels)
-        labels = labels_out if labels_out is not None else np.zeros((height, width), np.uint32)
-        params = self.meta.get("postprocess") or {}
-        blocks = list(block_grid(height, width, self.block, self.multiple))
-        overlap = self.overlap()
-        tables, next_id = [], 1
-        for done, (r0, r1, c0, c1) in enumerate(blocks, 1):
-            top, left = _floor_to(max(r0 - overlap, 0), self.multiple), _floor_to(max(c0 - overlap, 0), self.multiple)
-            bottom, right = min(r1 + overlap, height), min(c1 + overlap, width)
-            crop = image[top:bottom, left:right]
-            maps, variance = self.predict_maps(crop, tile, margin, samples, value_range)
-            local = instances(maps, params)
-            keep = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
-                                   touches=(top > 0, bottom < height, left > 0, right < width))
-            if len(keep):
-                local = np.where(np.isin(local, keep), local, 0)
-                table = measure(local, crop, variance=variance, offset=(top, left))
-                remap = np.zeros(int(local.max()) + 1, np.uint32)
-                remap[table["label"]] = np.arange(next_id, next_id + len(table["label"]), dtype=np.uint32)
-                table["id"] = remap[table["label"]]
-                if self.classifier is not None:
-                    _add_classes(table, self.classifier, crop, value_range, (top, left))
-                target = labels[top:bottom, left:right]
-                mask = (local > 0) & (np.asarray(target) == 0)
-                target = np.asarray(target).copy()
-                target[mask] = remap[local[mask]]
-                labels[top:bottom, left:right] = target
-                next_id += len(table["label"])
-                del table["label"]
-                tables.append(table)
-            if progress is not None:
-                progress(done, len(blocks))
-        from kerasnuc.predict.measure import concat_tables, empty_table
+        next_id = {}
+        for item in prefetch(self._network_stage(views, tile, margin, samples, skip_glass), depth):
+            if item.error is not None or item.maps is None:
+                yield item
+                continue
+            first = next_id.get(item.index, 1)
+            try:
+                item = self._post_stage(item, first)
+            except Exception as error:  # reported for this view; the others go on
+                item.error = error
+                yield item
+                continue
+            next_id[item.index] = first + len(item.table["id"])
+            yield item
 
-        table = concat_tables(tables) if tables else empty_table(image.shape[2], self.classifier is not None,
-                                                                 self.stochastic)
-        return labels, table
+    def _network_stage(self, views, tile, margin, samples, skip_glass):
+        for index, source in enumerate(views):
+            try:
+                view = as_view(source() if callable(source) else source)
+                value_range = view.value_range(self.channels)
+                height, width = view.shape[:2]
+                blocks = list(block_grid(height, width, self.block, self.multiple))
+                tissue = view.tissue() if skip_glass else None
+            except Exception as error:  # reported with the view's index; the others go on
+                yield BlockResult(index, None, error=error)
+                continue
+            overlap = self.overlap()
+            for done, core in enumerate(blocks, 1):
+                r0, r1, c0, c1 = core
+                top = _floor_to(max(r0 - overlap, 0), self.multiple)
+                left = _floor_to(max(c0 - overlap, 0), self.multiple)
+                bottom, right = min(r1 + overlap, height), min(c1 + overlap, width)
+                result = BlockResult(index, view, core=core, box=(top, bottom, left, right),
+                                     done=done, total=len(blocks))
+                if tissue is not None and not _has_tissue(tissue, core):
+                    yield result  # glass: no network, no nuclei
+                    continue
+                try:
+                    result.crop = np.asarray(view.read(top, bottom, left, right))
+                    result.maps, result.variance = self.predict_maps(result.crop, tile, margin, samples,
+                                                                     value_range)
+                    result.value_range = value_range
+                except Exception as error:
+                    result.error = error
+                    yield result
+                    break
+                yield result
+
+    def _post_stage(self, item, first_id):
+        """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``."""
+        from kerasnuc.predict.measure import measure
+
+        height, width = item.view.shape[:2]
+        top, bottom, left, right = item.box
+        r0, r1, c0, c1 = item.core
+        local = instances(item.maps, self.meta.get("postprocess") or {})
+        keep = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
+                               touches=(top > 0, bottom < height, left > 0, right < width))
+        local = np.where(np.isin(local, keep), local, 0) if len(keep) else np.zeros_like(local)
+        table = measure(local, item.crop, variance=item.variance, offset=(top, left))
+        remap = np.zeros(int(local.max(initial=0)) + 1, np.uint32)
+        remap[table["label"]] = np.arange(first_id, first_id + len(table["label"]), dtype=np.uint32)
+        table["id"] = remap[table["label"]]
+        if self.classifier is not None and len(table["id"]):
+            key = (id(item.view), self.classifier.channels)
+            if key not in self._ranges:  # the classifier normalises with the whole view's range too
+                self._ranges = {key: item.view.value_range(self.classifier.channels)}
+            _add_classes(table, self.classifier, item.crop, (top, left), self._ranges[key])
+        del table["label"]
+        item.labels = remap[local]
+        item.table = _to_level0(_id_first(table), item.view.downsample)
+        item.maps = item.variance = None
+        return item
 
     def overlap(self):
         """Context around a block: the tile margin (receptive radius) plus room for a whole nucleus."""
@@ -209,9 +270,112 @@ class Predictor:
         return int(self.meta.get("tile_margin", 32)) + 64
 
 
-def _add_classes(table, classifier, crop, value_range, offset):
-    points = np.stack([table["centroid_x"] - offset[1], table["centroid_y"] - offset[0]], axis=1)
-    probabilities = classifier.classify(crop, points, value_range=None)
+class BlockResult:
+    """One block of a view: where it is (``core`` it decides, ``box`` it saw, in view pixels),
+    its pixels, and after post-processing ``labels`` (box-sized, global ids of the nuclei it
+    kept, 0 elsewhere) and ``table`` (level-0 pixels); ``error`` if it could not be done."""
+
+    def __init__(self, index, view, core=None, box=None, done=0, total=0, error=None):
+        self.index, self.view, self.core, self.box = index, view, core, box
+        self.done, self.total, self.error = done, total, error
+        self.crop = self.maps = self.variance = self.labels = self.value_range = None
+        self.table = None
+
+    @property
+    def skipped(self):
+        """True for a block of glass (not predicted)."""
+        return self.error is None and self.crop is None
+
+
+def paste_labels(labels, result):
+    """Write a block's kept nuclei into the full label image (a NumPy or zarr array)."""
+    if result.labels is None or not result.labels.any():
+        return
+    top, bottom, left, right = result.box
+    target = np.array(labels[top:bottom, left:right])
+    mask = (result.labels > 0) & (target == 0)
+    target[mask] = result.labels[mask]
+    labels[top:bottom, left:right] = target
+
+
+def as_view(image):
+    """A view (anything with ``shape``, ``read`` and ``value_range``) of an array or a view."""
+    if hasattr(image, "read") and hasattr(image, "value_range"):
+        return image
+    from kerasnuc.predict.sources import ArrayView
+
+    return ArrayView(_as_hwc(image))
+
+
+def prefetch(iterable, depth=2):
+    """Iterate ``iterable`` in a background thread, up to ``depth`` items ahead."""
+    import queue
+    import threading
+
+    items, stop, end = queue.Queue(max(1, depth)), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+        except BaseException as error:  # re-raised in the consumer
+            put(_Raised(error))
+        put(end)
+
+    thread = threading.Thread(target=work, name="kerasnuc-network", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+class _Raised:
+    def __init__(self, error):
+        self.error = error
+
+
+def _has_tissue(tissue, core):
+    mask, step = tissue
+    r0, r1, c0, c1 = core
+    region = mask[int(r0 // step):int(np.ceil(r1 / step)) + 1, int(c0 // step):int(np.ceil(c1 / step)) + 1]
+    return bool(region.any())
+
+
+def _id_first(table):
+    return {"id": table["id"], **{name: column for name, column in table.items() if name != "id"}}
+
+
+def _to_level0(table, downsample):
+    """Positions and sizes of a table in view pixels -> level-0 pixels of a slide."""
+    if downsample == 1.0:
+        return table
+    for name in ("centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "perimeter"):
+        table[name] = table[name] * downsample
+    table["area"] = table["area"] * downsample ** 2
+    return table
+
+
+def _add_classes(table, classifier, crop, offset, value_range):
+    # the table counts pixel corners (centroid + 0.5); points count pixel centres
+    points = np.stack([table["centroid_x"] - offset[1] - 0.5, table["centroid_y"] - offset[0] - 0.5], axis=1)
+    probabilities = classifier.classify(crop, points, value_range=value_range)
     names = classifier.meta.get("class_names") or [f"class_{i}" for i in range(probabilities.shape[-1])]
     index = probabilities.argmax(axis=-1)
     table["class"] = np.asarray([names[i] for i in index], dtype=object)

@@ -86,20 +86,22 @@ def measurement_columns(table):
     return [name for name in table if name not in ("id", "class")]
 
 
-def write_geojson(path, labels, table, mpp=None, offset=(0, 0), downsample=1.0, class_names=None):
-    """A QuPath FeatureCollection: one detection per nucleus, polygon in level-0 pixels."""
+def geojson_features(labels, table, offset=(0, 0), downsample=1.0, mpp=None, class_names=None):
+    """QuPath detections (dicts) of the nuclei of ``table`` outlined in ``labels``, whose pixel
+    (0, 0) is view pixel ``offset`` (top, left); rings in level-0 pixels (x ``downsample``)."""
     rings = polygons(labels, table["id"])
     names = list(class_names or sorted(set(table.get("class", []))))
+    shift = np.asarray([offset[1], offset[0]], np.float64)
     features = []
     for row in range(len(table["id"])):
         nucleus = int(table["id"][row])
         if nucleus not in rings:
             continue
-        ring = (np.asarray(rings[nucleus]) * downsample + np.asarray(offset, np.float64)).round(2).tolist()
+        ring = ((np.asarray(rings[nucleus]) + shift) * downsample).round(2).tolist()
         measurements = {name: float(table[name][row]) for name in measurement_columns(table)}
-        if mpp:
-            measurements["area_um2"] = measurements["area"] * (mpp * downsample) ** 2
-            measurements["perimeter_um"] = measurements["perimeter"] * mpp * downsample
+        if mpp:  # table sizes are in level-0 pixels already
+            measurements["area_um2"] = measurements["area"] * mpp ** 2
+            measurements["perimeter_um"] = measurements["perimeter"] * mpp
         properties = {"objectType": "detection", "measurements": measurements}
         if "class" in table:
             name = str(table["class"][row])
@@ -107,51 +109,243 @@ def write_geojson(path, labels, table, mpp=None, offset=(0, 0), downsample=1.0, 
             properties["classification"] = {"name": name, "color": list(colour)}
         features.append({"type": "Feature", "id": str(uuid.uuid4()),
                          "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": properties})
-    collection = {"type": "FeatureCollection", "features": features}
+    return features
 
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            json.dump(collection, handle)
-    return _atomic(path, write)
+
+class _Streamed:
+    """A file written in pieces to a temporary name and renamed by ``close``; ``abort`` removes it."""
+
+    def __init__(self, path):
+        self.path = path
+        root, ext = os.path.splitext(path)
+        self.tmp = f"{root}.tmp{os.getpid()}{ext}"
+
+    def abort(self):
+        for name in (self.tmp,):
+            if os.path.exists(name):
+                os.remove(name)
+
+    def _finish(self):
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
+class GeoJSONWriter(_Streamed):
+    """A QuPath FeatureCollection written block by block (one detection per nucleus)."""
+
+    def __init__(self, path, mpp=None, class_names=None):
+        super().__init__(path)
+        self.mpp, self.class_names = mpp, class_names
+        self.handle = open(self.tmp, "w")
+        self.handle.write('{"type": "FeatureCollection", "features": [')
+        self.count = 0
+
+    def add(self, labels, table, offset=(0, 0), downsample=1.0):
+        for feature in geojson_features(labels, table, offset, downsample, self.mpp, self.class_names):
+            self.handle.write(("," if self.count else "") + "\n" + json.dumps(feature))
+            self.count += 1
+
+    def close(self):
+        self.handle.write("\n]}\n")
+        self.handle.close()
+        return self._finish()
+
+    def abort(self):
+        self.handle.close()
+        super().abort()
+
+
+class CSVWriter(_Streamed):
+    """The nucleus table, one row per nucleus, block by block; µm / µm² columns when the pixel size is known."""
+
+    def __init__(self, path, columns, mpp=None):
+        super().__init__(path)
+        self.columns, self.mpp = list(columns), mpp
+        self.handle = open(self.tmp, "w", newline="")
+        self.writer = csv.writer(self.handle)
+        extra = ["area_um2", "perimeter_um", "centroid_x_um", "centroid_y_um"] if mpp else []
+        self.writer.writerow(self.columns + extra)
+
+    def add(self, table):
+        mpp = self.mpp
+        for row in range(len(table["id"])):
+            values = [table[name][row] for name in self.columns]
+            values = [f"{v:.4f}" if isinstance(v, (float, np.floating)) else v for v in values]
+            if mpp:
+                values += [f"{table['area'][row] * mpp ** 2:.4f}", f"{table['perimeter'][row] * mpp:.4f}",
+                           f"{table['centroid_x'][row] * mpp:.4f}", f"{table['centroid_y'][row] * mpp:.4f}"]
+            self.writer.writerow(values)
+
+    def close(self):
+        self.handle.close()
+        return self._finish()
+
+    def abort(self):
+        self.handle.close()
+        super().abort()
+
+
+def write_geojson(path, labels, table, mpp=None, offset=(0, 0), downsample=1.0, class_names=None):
+    """A QuPath FeatureCollection of a whole label image and its table."""
+    writer = GeoJSONWriter(path, mpp, class_names)
+    try:
+        writer.add(labels, table, offset, downsample)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def write_table_csv(path, table, mpp=None):
-    """The nucleus table, one row per nucleus; µm / µm² columns when the pixel size is known."""
-    columns = list(table)
-    extra = ["area_um2", "perimeter_um", "centroid_x_um", "centroid_y_um"] if mpp else []
+    """The nucleus table as CSV (see :class:`CSVWriter`)."""
+    writer = CSVWriter(path, list(table), mpp)
+    try:
+        writer.add(table)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns + extra)
-            for row in range(len(table["id"])):
-                values = [table[name][row] for name in columns]
-                values = [f"{v:.4f}" if isinstance(v, (float, np.floating)) else v for v in values]
-                if mpp:
-                    values += [f"{table['area'][row] * mpp ** 2:.4f}", f"{table['perimeter'][row] * mpp:.4f}",
-                               f"{table['centroid_x'][row] * mpp:.4f}", f"{table['centroid_y'][row] * mpp:.4f}"]
-                writer.writerow(values)
-    return _atomic(path, write)
+
+class LabelsWriter:
+    """Instance labels of a view, pasted block by block, written at ``close``.
+
+    Up to ``LARGE`` pixels they are held in memory and written by :func:`write_labels`;
+    beyond that (slides) they are pasted into a compressed zarr array on disk beside the
+    output and written as a tiled, pyramidal (nearest-neighbour levels) uint32 OME-TIFF,
+    tile by tile, so memory stays flat.
+    """
+
+    LARGE = 8192 * 8192
+
+    def __init__(self, path, shape, mpp=None):
+        self.path, self.shape, self.mpp = path, tuple(shape[:2]), mpp
+        self.large = self.shape[0] * self.shape[1] > self.LARGE
+        self.store = None
+        if not self.large:
+            self.array = np.zeros(self.shape, np.uint32)
+            return
+        if not path.lower().endswith((".tif", ".tiff")):
+            raise ValueError(f"{path}: a {self.shape[1]} x {self.shape[0]} label image needs .tif (OME-TIFF)")
+        import tempfile
+
+        try:
+            import zarr
+        except ImportError:
+            raise ValueError(f"{path}: labels of a slide need zarr: pip install 'kerasnuc[wsi]'") from None
+        self.store = tempfile.mkdtemp(prefix=".labels-", dir=os.path.dirname(os.path.abspath(path)))
+        self.array = zarr.open_array(os.path.join(self.store, "labels.zarr"), mode="w", shape=self.shape,
+                                     chunks=(1024, 1024), dtype=np.uint32, fill_value=0)
+
+    def add(self, result):
+        from kerasnuc.predict.engine import paste_labels
+
+        paste_labels(self.array, result)
+
+    def close(self):
+        try:
+            if not self.large:
+                return write_labels(self.path, self.array)
+            return _atomic(self.path, lambda tmp: write_pyramid(tmp, self.array, self.mpp))
+        finally:
+            self._cleanup()
+
+    def abort(self):
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.store is not None:
+            import shutil
+
+            shutil.rmtree(self.store, ignore_errors=True)
+            self.store = None
+
+
+def write_pyramid(path, array, mpp=None, tile=256, min_side=1024):
+    """A uint32 (H, W) array (NumPy or zarr) as a tiled, zlib, pyramidal OME-TIFF, tile by tile."""
+    import tifffile
+
+    height, width = array.shape
+    factors = [1]
+    while max(height, width) // (factors[-1] * 2) >= min_side:
+        factors.append(factors[-1] * 2)
+
+    def tiles(step):
+        rows, cols = -(-height // step), -(-width // step)
+        for r in range(0, rows, tile):
+            for c in range(0, cols, tile):
+                block = np.asarray(array[r * step:min((r + tile) * step, height), c * step:min((c + tile) * step, width)])
+                yield np.ascontiguousarray(block[::step, ::step], dtype=np.uint32)
+
+    metadata = {"axes": "YX"}
+    if mpp:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for level, step in enumerate(factors):
+            shape = (-(-height // step), -(-width // step))
+            options = dict(subifds=len(factors) - 1, metadata=metadata) if level == 0 else dict(subfiletype=1)
+            tif.write(tiles(step), shape=shape, dtype=np.uint32, tile=(tile, tile), compression="zlib", **options)
+
+
+class OverlayWriter:
+    """The image with nucleus outlines (magenta), downscaled to at most ``max_side`` pixels a side,
+    drawn block by block over an overview of the view."""
+
+    def __init__(self, path, view, max_side=4096):
+        self.path = path
+        height, width = view.shape[:2]
+        self.step = max(1, int(np.ceil(max(height, width) / max_side)))
+        self.canvas = overview(view, -(-height // self.step), -(-width // self.step))
+
+    def add(self, result):
+        from skimage.segmentation import find_boundaries
+
+        if result.labels is None or not result.labels.any():
+            return
+        top, bottom, left, right = result.box
+        step = self.step
+        # sample the block on the canvas grid
+        r_first, c_first = -(-top // step) * step - top, -(-left // step) * step - left
+        sampled = result.labels[r_first::step, c_first::step]
+        edges = find_boundaries(sampled, mode="inner")
+        rows, cols = np.nonzero(edges)
+        self.canvas[rows + (top + r_first) // step, cols + (left + c_first) // step] = (255, 0, 255)
+
+    def close(self):
+        import cv2
+
+        def write(tmp):
+            if not cv2.imwrite(tmp, self.canvas[..., ::-1]):
+                raise OSError(f"{self.path}: could not write PNG")
+        return _atomic(self.path, write)
+
+    def abort(self):
+        pass
+
+
+def overview(view, height, width):
+    """uint8 RGB (height, width, 3) picture of a whole view (strided image or resized thumbnail)."""
+    import cv2
+
+    if hasattr(view, "thumbnail"):
+        pixels = view.thumbnail()[0]
+        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+    else:
+        step = -(-view.shape[0] // height)
+        pixels = np.asarray(view.read(0, view.shape[0], 0, view.shape[1]))[::step, ::step]
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    rgb = np.repeat(pixels[..., :1], 3, axis=-1) if pixels.shape[2] == 1 else pixels[..., :3]
+    return np.ascontiguousarray(rgb.astype(np.uint8))
 
 
 def write_overlay(path, image, labels, max_side=4096):
     """The image with nucleus outlines (magenta), downscaled so its longer side is at most ``max_side``."""
-    import cv2
-    from skimage.segmentation import find_boundaries
+    from kerasnuc.predict.engine import BlockResult
+    from kerasnuc.predict.sources import ArrayView
 
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    rgb = np.repeat(image[..., :1], 3, axis=-1) if image.shape[2] == 1 else image[..., :3]
-    rgb = rgb.astype(np.uint8)
-    labels = np.asarray(labels)
-    step = max(1, int(np.ceil(max(labels.shape) / max_side)))
-    if step > 1:
-        rgb, labels = rgb[::step, ::step], labels[::step, ::step]
-    out = rgb.copy()
-    out[find_boundaries(labels, mode="inner")] = (255, 0, 255)
-
-    def write(tmp):
-        if not cv2.imwrite(tmp, out[..., ::-1]):
-            raise OSError(f"{path}: could not write PNG")
-    return _atomic(path, write)
+    view = ArrayView(image)
+    writer = OverlayWriter(path, view, max_side)
+    block = BlockResult(0, view, box=(0, view.shape[0], 0, view.shape[1]))
+    block.labels = np.asarray(labels)
+    writer.add(block)
+    return writer.close()
