@@ -255,6 +255,8 @@ def run_metadata(run_dir, model=None, measure=True):
         "normalization": NORMALIZATION,
         "stain": stain_of(run_dir),
         "data": config.get("data"),
+        # pixel size (µm) of the training images, so slides are read at the same scale
+        "mpp": float(config.get("mpp") or 0.0) or None,
         "output_channels": int(model.output_shape[-1]),
     }
     if task == "classification":

@@ -80,6 +80,7 @@ def run(config, overwrite=False, log=None):
 
     from kerasnuc import __version__
     from kerasnuc.data import load_dataset
+    from kerasnuc.data.spec import dataset_mpp
     from kerasnuc.data.imageio import DataError
     from kerasnuc.data.splits import kfold_splits, train_val_test_split
     from training.config import default_run_dir
@@ -115,7 +116,8 @@ def run(config, overwrite=False, log=None):
     run_dir = RunDirectory(config.out, overwrite=overwrite)
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
         f"{len(split['val'])} val, {len(split['test'])} test")
-    resolved = {**config.to_dict(), "precision_used": policy, "kerasnuc_version": __version__,
+    resolved = {**config.to_dict(), "mpp": config.mpp or dataset_mpp(config.data) or 0.0,
+                "precision_used": policy, "kerasnuc_version": __version__,
                 "keras_version": keras.__version__, "backend": keras.backend.backend(),
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                             "accelerator": accelerator_name()}}

@@ -47,6 +47,12 @@ def parse_spec(spec):
     return fmt, path
 
 
+def dataset_mpp(spec):
+    """Pixel size (µm) of a dataset's images as its reader knows it, or None."""
+    fmt, _ = parse_spec(spec)
+    return getattr(importlib.import_module(FORMATS[fmt][0]), "MPP", None)
+
+
 def load_dataset(spec, **options):
     """Read a dataset from its spec; returns a list of NucleiImage."""
     fmt, path = parse_spec(spec)

@@ -169,7 +169,7 @@ class Predictor:
             if result.error is not None:
                 raise result.error
             paste_labels(labels, result)
-            if len(result.table["id"]):
+            if result.table is not None and len(result.table["id"]):
                 tables.append(result.table)
             if progress is not None:
                 progress(result.done, result.total)

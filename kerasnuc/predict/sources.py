@@ -148,8 +148,9 @@ class SlideView:
             import cv2
 
             levels = self.slide.levels
-            fits = [i for i, (h, w) in enumerate(levels) if max(h, w) <= THUMBNAIL_SIDE * 2]
-            level = min(fits, key=lambda i: self.slide.downsamples[i]) if fits else len(levels) - 1
+            # the coarsest level that still has THUMBNAIL_SIDE / 2 pixels a side (or the finest)
+            fits = [i for i, (h, w) in enumerate(levels) if max(h, w) >= THUMBNAIL_SIDE // 2]
+            level = max(fits, key=lambda i: self.slide.downsamples[i]) if fits else 0
             height, width = levels[level]
             if max(height, width) > THUMBNAIL_SIDE * 2:  # no small level: sample rows and columns
                 pixels = _strided_read(self.slide, level, THUMBNAIL_SIDE)

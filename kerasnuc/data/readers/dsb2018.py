@@ -17,6 +17,9 @@
 Records come in sorted id order; ``name`` is the image id.
 """
 
+MPP = None
+"""Pixel size of the dataset in µm: mixed microscopes and magnifications; unknown per image."""
+
 import os
 
 import cv2

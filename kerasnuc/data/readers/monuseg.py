@@ -15,6 +15,9 @@ and an XML file the label image is used; the XML is still counted
 (``extra["xml_path"]``, ``extra["xml_regions"]``).
 """
 
+MPP = 0.25
+"""Pixel size of the dataset in µm: TCGA slides scanned at 40x (about 0.25 µm/px; Kumar et al. 2017)."""
+
 import gzip
 import os
 import zlib
