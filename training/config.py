@@ -32,10 +32,10 @@ class FitConfig:
     test_data: str = ""
     """Optional dataset spec scored as the held-out test set (then 'data' is split into train/val only)."""
     channels: int = 3
+    """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
     mpp: float = 0.0
     """Pixel size of the training images in µm; 0: the dataset reader's (MoNuSeg 0.25, CRCHisto 0.55;
     DSB 2018 has none). Recorded in the run, so prediction reads slides at the same pixel size."""
-    """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
     epochs: int = 30
     batch_size: int = 8
     tile: int = 128

@@ -32,6 +32,7 @@ def build_parser():
     parser.add_argument("--data", help=docs["data"] + " e.g. dsb2018:../shared/data/dsb2018/stage1_train")
     parser.add_argument("--test-data", dest="test_data", help=docs["test_data"])
     parser.add_argument("--channels", type=int, choices=(1, 3), help=docs["channels"])
+    parser.add_argument("--mpp", type=float, help=docs["mpp"])
     parser.add_argument("--epochs", type=int, help="Training epochs.")
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="Crops per batch.")
     parser.add_argument("--tile", type=int, help=docs["tile"])
