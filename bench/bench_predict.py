@@ -2,14 +2,17 @@
 
     python3 bench/bench_predict.py RUN [--sizes 4096,16384] [--images 65] [--out bench/results]
 
-1. The DSB 2018 stage1_test images: megapixels per second end to end, split into network and
-   post-processing, and AJI / PQ / F1 against the solution labels.
-2. Mosaics of real MoNuSeg H&E tiles (generated in memory, never stored) of each ``--sizes``
-   side: megapixels per second and peak resident memory, each size in its own process, so
-   that the memory figures do not mix.
+1. The DSB 2018 stage1_test images: the network alone (``predict_maps`` on every image), then
+   end to end through the engine's stream (network a thread ahead of post-processing), with
+   the seconds inside the network and inside post-processing, and AJI / PQ / F1 against the
+   solution labels.
+2. Mosaics of real MoNuSeg H&E tiles of each ``--sizes`` side, written on the fly as a
+   pyramidal JPEG TIFF in a temporary folder (deleted afterwards, never stored), run through
+   the command line (``python -m kerasnuc.predict``, all four formats, labels as a pyramidal
+   OME-TIFF) in a process of its own: megapixels per second and that process's peak resident
+   memory.
 
-Writes ``predict.md`` and ``predict.json``. A StarDist column (issue 14's side-by-side target)
-needs a bench-only venv with ``stardist``; it is not part of this script yet.
+Writes ``predict.md`` and ``predict.json``.
 """
 
 import argparse
@@ -59,54 +62,126 @@ def timed_predictor(run, block=2048):
 def dsb_test(run, limit):
     from kerasnuc import metrics
     from kerasnuc.data import load_dataset
+    from kerasnuc.predict.engine import paste_labels
 
     records = list(load_dataset(f"dsb2018:{os.path.join(SHARED, 'dsb2018', 'stage1_test')}"))[:limit]
     predictor, timing = timed_predictor(run)
     predictor.predict_instances(records[0].image[:64, :64])  # warm-up (graph build)
-    timing.update(network=0.0, postprocess=0.0)
-    scores, pixels, started = [], 0, time.perf_counter()
+    started = time.perf_counter()
     for record in records:
-        labels, _ = predictor.predict_instances(record.image)
-        pixels += labels.size
-        scores.append(metrics.segmentation_report(record.labels, labels))
+        predictor.predict_maps(record.image)
+    network_alone = time.perf_counter() - started
+    timing.update(network=0.0, postprocess=0.0)
+    labels = [np.zeros(r.image.shape[:2], np.uint32) for r in records]
+    started = time.perf_counter()
+    for result in predictor.stream([r.image for r in records]):
+        paste_labels(labels[result.index], result)
     total = time.perf_counter() - started
+    pixels = sum(r.image.shape[0] * r.image.shape[1] for r in records)
+    scores = [metrics.segmentation_report(r.labels, l) for r, l in zip(records, labels)]
     mean = {key: float(np.mean([s[key] for s in scores])) for key in ("aji", "pq", "f1") if key in scores[0]}
     return {"images": len(records), "megapixels": pixels / 1e6, "seconds": total,
-            "mp_per_s": pixels / 1e6 / total, **{f"{k}_s": v for k, v in timing.items()}, **mean}
+            "mp_per_s": pixels / 1e6 / total, "network_alone_s": network_alone,
+            "end_to_end_over_network": total / network_alone,
+            **{f"{k}_s": v for k, v in timing.items()}, **mean}
 
 
-def mosaic(side, seed=0):
-    """A side x side RGB mosaic of real MoNuSeg H&E tiles (random crops, flips)."""
-    from kerasnuc.data.imageio import read_image
-
-    paths = sorted(glob.glob(os.path.join(SHARED, "monuseg2018", "train", "images", "*")))
-    rng = np.random.default_rng(seed)
-    tiles = [read_image(p, channels=3) for p in paths[:8]]
-    out = np.empty((side, side, 3), np.uint8)
-    step = 512
-    for top in range(0, side, step):
-        for left in range(0, side, step):
+def mosaic_region(tiles, top, left, height, width, cell=512, seed=0):
+    """Pixels [top:top+height, left:left+width] of an endless mosaic of real H&E crops: cell
+    (i, j) is a random crop (and flip) of a random tile, chosen by a generator seeded by the cell."""
+    out = np.empty((height, width, 3), np.uint8)
+    for i in range(top // cell, -(-(top + height) // cell)):
+        for j in range(left // cell, -(-(left + width) // cell)):
+            rng = np.random.default_rng((seed, i, j))
             tile = tiles[rng.integers(len(tiles))]
-            r, c = rng.integers(0, tile.shape[0] - step), rng.integers(0, tile.shape[1] - step)
-            crop = tile[r:r + step, c:c + step]
-            if rng.random() < 0.5:
-                crop = crop[::-1]
-            h, w = min(step, side - top), min(step, side - left)
-            out[top:top + h, left:left + w] = crop[:h, :w]
+            r, c = rng.integers(0, tile.shape[0] - cell), rng.integers(0, tile.shape[1] - cell)
+            crop = tile[r:r + cell, c:c + cell]
+            crop = crop[::-1] if rng.random() < 0.5 else crop
+            r0, r1 = max(top, i * cell), min(top + height, (i + 1) * cell)
+            c0, c1 = max(left, j * cell), min(left + width, (j + 1) * cell)
+            out[r0 - top:r1 - top, c0 - left:c1 - left] = crop[r0 - i * cell:r1 - i * cell, c0 - j * cell:c1 - j * cell]
     return out
 
 
+def write_mosaic_slide(path, side, mpp=0.25, tile=256):
+    """A side x side pyramidal, tiled, JPEG TIFF of the mosaic, written tile by tile."""
+    import cv2
+    import tifffile
+
+    from kerasnuc.data.imageio import read_image
+
+    paths = sorted(glob.glob(os.path.join(SHARED, "monuseg2018", "train", "images", "*")))
+    tiles = [read_image(p, channels=3) for p in paths[:8]]
+    factors = [1]
+    while side // (factors[-1] * 2) >= 1024:
+        factors.append(factors[-1] * 2)
+
+    def level_tiles(factor):
+        size = -(-side // factor)
+        for top in range(0, size, tile):
+            for left in range(0, size, tile):
+                h, w = min(tile, size - top), min(tile, size - left)
+                pixels = mosaic_region(tiles, top * factor, left * factor, min(h * factor, side - top * factor),
+                                       min(w * factor, side - left * factor))
+                if factor > 1:
+                    pixels = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_AREA)
+                yield pixels
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, factor in enumerate(factors):
+            size = -(-side // factor)
+            tif.write(level_tiles(factor), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
+                      compression="jpeg", photometric="rgb", resolution=(1e4 / (mpp * factor),) * 2,
+                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
+
+
 def one_mosaic(run, side):
-    image = mosaic(side)
-    predictor, timing = timed_predictor(run)
-    predictor.predict_instances(image[:64, :64])
-    timing.update(network=0.0, postprocess=0.0)
-    started = time.perf_counter()
-    labels, table = predictor.predict_instances(image)
-    total = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"side": side, "nuclei": int(len(table["id"])), "seconds": total, "mp_per_s": side * side / 1e6 / total,
-            "peak_rss_mb": peak_mb, "image_mb": image.nbytes / 2 ** 20, **{f"{k}_s": v for k, v in timing.items()}}
+    """Predict a mosaic slide through the CLI in this process; seconds, MP/s, peak RSS."""
+    import tempfile
+
+    from kerasnuc.predict import __main__ as cli
+    from kerasnuc.predict import engine
+
+    with tempfile.TemporaryDirectory(prefix="bench-mosaic-") as folder:
+        slide = os.path.join(folder, f"mosaic{side}.tif")
+        started = time.perf_counter()
+        write_mosaic_slide(slide, side)
+        written = time.perf_counter() - started
+        baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        _, timing = timed_predictor(run)  # patches the engine's post-processing timer
+        load = engine.load
+
+        def load_timed(*args, **kwargs):  # the CLI's predictor, with the network timer
+            predictor = load(*args, **kwargs)
+            run_batch = predictor.runtime.run
+
+            def run_timed(batch):
+                begun = time.perf_counter()
+                out = run_batch(batch)
+                timing["network"] += time.perf_counter() - begun
+                return out
+
+            predictor.runtime.run = run_timed
+            return predictor
+
+        cli.load = load_timed
+        import kerasnuc.predict
+
+        kerasnuc.predict.load = load_timed
+        timing.update(network=0.0, postprocess=0.0)
+        out = os.path.join(folder, "out")
+        started = time.perf_counter()
+        cli.main([run, slide, "--out", out, "--no-tissue-mask"])
+        total = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import csv
+
+        with open(os.path.join(out, f"mosaic{side}_nuclei.csv")) as handle:
+            nuclei = sum(1 for _ in csv.reader(handle)) - 1
+        sizes = {name: os.path.getsize(os.path.join(out, name)) / 2 ** 20 for name in os.listdir(out)}
+    return {"side": side, "nuclei": nuclei, "seconds": total, "mp_per_s": side * side / 1e6 / total,
+            "peak_rss_mb": peak_mb, "rss_before_predict_mb": baseline_mb, "slide_written_s": written,
+            "outputs_mb": sizes, **{f"{k}_s": v for k, v in timing.items()}}
 
 
 def main(argv=None):
@@ -137,15 +212,24 @@ def main(argv=None):
              f"Command: `python3 bench/bench_predict.py {args.run} --sizes {args.sizes} --images {args.images}`", ""]
     if "dsb2018_stage1_test" in result:
         d = result["dsb2018_stage1_test"]
-        lines += ["| set | images | MP/s end to end | network s | post-processing s | AJI | PQ | F1 |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| DSB stage1_test | {d['images']} | {d['mp_per_s']:.2f} | {d['network_s']:.1f} | "
-                  f"{d['postprocess_s']:.1f} | {d.get('aji', float('nan')):.3f} | {d.get('pq', float('nan')):.3f} | "
-                  f"{d.get('f1', float('nan')):.3f} |", ""]
-    lines += ["| H&E mosaic side | nuclei | MP/s | network s | post-processing s | peak RSS MB |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {m['side']} | {m['nuclei']} | {m['mp_per_s']:.2f} | {m['network_s']:.1f} | "
-              f"{m['postprocess_s']:.1f} | {m['peak_rss_mb']:.0f} |" for m in result["mosaics"]]
+        lines += ["| set | images | MP/s end to end | network alone s | end to end s | in network s | "
+                  "in post-processing s | end to end / network | AJI | PQ | F1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| DSB stage1_test | {d['images']} | {d['mp_per_s']:.2f} | {d['network_alone_s']:.1f} | "
+                  f"{d['seconds']:.1f} | {d['network_s']:.1f} | {d['postprocess_s']:.1f} | "
+                  f"{d['end_to_end_over_network']:.2f} | {d.get('aji', float('nan')):.3f} | "
+                  f"{d.get('pq', float('nan')):.3f} | {d.get('f1', float('nan')):.3f} |", ""]
+    lines += ["H&E mosaics: pyramidal JPEG TIFF slides through `python -m kerasnuc.predict` (all four formats).", "",
+              "| side | nuclei | MP/s end to end | end to end s | in network s | in post-processing s | "
+              "end to end / in network | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['side']} | {m['nuclei']} | {m['mp_per_s']:.2f} | {m['seconds']:.1f} | {m['network_s']:.1f} | "
+              f"{m['postprocess_s']:.1f} | {m['seconds'] / max(m['network_s'], 1e-9):.2f} | {m['peak_rss_mb']:.0f} |"
+              for m in result["mosaics"]]
+    if len(result["mosaics"]) > 1:
+        first, last = result["mosaics"][0], result["mosaics"][-1]
+        lines += ["", f"Peak memory {first['side']} -> {last['side']}: "
+                  f"{(last['peak_rss_mb'] / first['peak_rss_mb'] - 1) * 100:+.0f} %."]
     with open(os.path.join(args.out, "predict.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {os.path.join(args.out, 'predict.md')} and predict.json")

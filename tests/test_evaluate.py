@@ -85,14 +85,16 @@ def test_test_split_reproduces_the_runs_own_scores(seg_run, tmp_path):
 
 
 def test_tta_averages_the_eight_dihedral_views(seg_run, tmp_path, monkeypatch):
+    from kerasnuc.predict.runtimes import KerasRuntime
+
     seen = []
-    original = evaluate._predict_batch
+    original = KerasRuntime.run
 
-    def counting(model, batch):
+    def counting(self, batch):  # evaluation runs the model through the prediction engine
         seen.append(batch.shape)
-        return original(model, batch)
+        return original(self, batch)
 
-    monkeypatch.setattr(evaluate, "_predict_batch", counting)
+    monkeypatch.setattr(KerasRuntime, "run", counting)
     result = evaluate.evaluate_run(seg_run, tta=True, limit=2, out=str(tmp_path / "tta"), **QUIET)
     images = result["images"]
     assert sum(shape[0] for shape in seen) == 8 * images  # every image seen in 8 views
@@ -117,7 +119,7 @@ def test_cli_default_folder_split_val_and_vote(seg_run, capsys):
 
 
 def test_a_perfect_predictor_scores_dice_one(seg_run, tmp_path, monkeypatch):
-    def truth(model, record, settings):
+    def truth(model, record, settings, engine=None):
         return {"mean": foreground(record.labels), "variance": None, "views": None, "passes": None}
 
     monkeypatch.setattr(evaluate, "predict_record", truth)
@@ -135,9 +137,11 @@ def test_mc_dropout_model_gets_uncertainty(seg_run, tmp_path, monkeypatch):
     config.update(model="mc_unet", model_config={"filters": 4, "depth": 3})
     json.dump(config, open(os.path.join(run, "config.json"), "w"))
     models.build("mc_unet", input_shape=(None, None, 3), filters=4, depth=3).save(os.path.join(run, "model.keras"))
+    from kerasnuc.predict.runtimes import KerasRuntime
+
     calls = []
-    original = evaluate._predict_batch
-    monkeypatch.setattr(evaluate, "_predict_batch", lambda m, b: calls.append(len(b)) or original(m, b))
+    original = KerasRuntime.run
+    monkeypatch.setattr(KerasRuntime, "run", lambda self, b: calls.append(len(b)) or original(self, b))
     result = evaluate.evaluate_run(run, mc_samples=3, limit=2, **QUIET)
     assert result["options"]["stochastic"] and result["options"]["mc_samples"] == 3
     assert sum(calls) == 3 * 2
@@ -227,21 +231,20 @@ def test_classification_scores_fake_predictions(crc_records, tmp_path):
     truth = np.concatenate([classified_points(r)[1] for r in crc_records])
     order = []
 
-    def oracle(patches):  # one-hot of the true classes, in the order the evaluator asks
-        assert patches.shape[1:] == (32, 32, 3) and patches.dtype == np.float32
-        assert 0.0 <= patches.min() and patches.max() <= 1.0
+    def oracle(image, points):  # one-hot of the true classes, in the order the evaluator asks
+        assert image.dtype == np.uint8 and points.shape[1] == 2
         start = sum(order)
-        order.append(len(patches))
-        return np.eye(4)[truth[start:start + len(patches)]] * 0.9 + 0.025
+        order.append(len(points))
+        return np.eye(4)[truth[start:start + len(points)]] * 0.9 + 0.025
 
-    result, artifacts = evaluate.evaluate_classification(crc_records, oracle, 32, 3,
+    result, artifacts = evaluate.evaluate_classification(crc_records, oracle,
                                                          class_names=crc_records[0].class_names, log=lambda m: None)
     assert result["pooled"]["accuracy"] == 1.0 and result["pooled"]["macro_f1"] == 1.0
     assert result["pooled"]["n"] == len(truth) and result["class_names"][0] == "epithelial"
     assert np.trace(np.array(result["confusion_matrix"])) == len(truth)
 
     rng = np.random.default_rng(0)
-    guess, _ = evaluate.evaluate_classification(crc_records, lambda p: rng.dirichlet(np.ones(4), len(p)), 32, 3,
+    guess, _ = evaluate.evaluate_classification(crc_records, lambda image, p: rng.dirichlet(np.ones(4), len(p)),
                                                 class_names=crc_records[0].class_names, log=lambda m: None)
     assert guess["pooled"]["accuracy"] < 0.5 and 0.3 < guess["pooled"]["macro_roc_auc"] < 0.7
     assert np.sum(guess["confusion_matrix"]) == len(truth)

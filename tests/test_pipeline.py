@@ -13,7 +13,8 @@ from kerasnuc.data.augment import Augmenter
 from kerasnuc.intensity import normalize_image
 from kerasnuc.data.pipeline import (ClassificationDataset, DetectionDataset, SegmentationDataset,
                                     classified_points, record_points)
-from kerasnuc.data.targets import extract_patches, instance_centroids
+from kerasnuc.data.targets import instance_centroids
+from kerasnuc.predict.tiling import patches_at as extract_patches
 from kerasnuc.data.types import NucleiImage
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "kerasnuc", "data")

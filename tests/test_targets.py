@@ -8,7 +8,8 @@ import pytest
 from scipy import ndimage
 
 from kerasnuc.data.imageio import read_label_image
-from kerasnuc.data.targets import (density_map, distance_map, extract_patches, foreground,
+from kerasnuc.predict.tiling import patches_at as extract_patches
+from kerasnuc.data.targets import (density_map, distance_map, foreground,
                                    instance_centroids, reflect_indices, segmentation_target,
                                    three_class)
 

@@ -181,77 +181,31 @@ class Settings:
         return 8 if self.tta else 1
 
 
-def _predict_batch(model, batch):
-    """The one place that runs the model: (B, H, W, C) float32 -> NumPy outputs.
+def engine_for(model, settings, patch=None):
+    """The prediction engine over an in-memory model: evaluation predicts as ``kerasnuc.predict``
+    does (one normalisation, TTA and Monte-Carlo loop), untiled on whole images."""
+    from kerasnuc.predict.engine import Predictor
+    from kerasnuc.predict.runtimes import KerasRuntime
 
-    ``predict_on_batch`` runs in inference mode like ``predict`` (BatchNorm uses its moving
-    statistics, MCDropout still samples) without predict's per-call set-up cost.
+    meta = {"channels": settings.channels, "multiple": settings.multiple, "patch": patch,
+            "output_channels": int(model.output_shape[-1])}
+    return Predictor(KerasRuntime(model=model, meta=meta), tta=settings.transforms)
+
+
+def predict_record(model, record, settings, engine=None):
+    """Model maps of one image: {"mean": (H, W, K), "variance": (H, W, K) or None,
+    "views": list or None, "passes": (S, H, W, K)}.
+
+    ``settings.tta``: the 8 dihedral views, mapped back and averaged; with ``tta_merge ==
+    "vote"`` the 8 mapped-back views are returned too. ``settings.mc_samples`` > 1: that many
+    stochastic passes (each with all its TTA views); "mean" is their mean, "variance" their variance.
     """
-    return np.asarray(model.predict_on_batch(batch))
-
-
-def predict_record(model, record, settings):
-    """Model maps of one image: {"mean": (H, W, K), "variance": (H, W, K) or None, "views": list or None}.
-
-    ``settings.tta``: the 8 dihedral views (:func:`kerasnuc.postprocess.predict_tta`), mapped
-    back and averaged; with ``tta_merge == "vote"`` the 8 mapped-back views are returned too.
-    ``settings.mc_samples`` > 1: that many stochastic passes (each with all its TTA views);
-    "mean" is their mean, "variance" their variance.
-    """
-    from kerasnuc.intensity import normalize_image
-    from kerasnuc.postprocess import predict_tta
-    from kerasnuc.predict.tiling import pad_to_multiple
-
-    x = normalize_image(record.image, settings.channels)
-    height, width = x.shape[:2]
-    padded = pad_to_multiple(x, settings.multiple)
-
-    def run(batch):
-        return _predict_batch(model, batch)
-
-    passes, views = [], None
-    for _ in range(max(1, settings.mc_samples)):
-        if settings.tta and settings.tta_merge == "vote":
-            pass_views = [predict_tta(run, padded, [k])[:height, :width] for k in range(8)]
-            views = pass_views if views is None else [v + p for v, p in zip(views, pass_views)]
-            passes.append(np.mean(pass_views, axis=0))
-        elif settings.tta:
-            passes.append(predict_tta(run, padded, 8)[:height, :width])
-        else:
-            passes.append(np.asarray(run(padded[None])[0][:height, :width], np.float32))
-    stack = np.stack(passes).astype(np.float32)
-    if views is not None:
-        views = [v / len(passes) for v in views]
-    variance = stack.var(axis=0) if len(passes) > 1 else None
-    return {"mean": stack.mean(axis=0), "variance": variance, "views": views, "passes": stack}
-
-
-def predict_patches(model, patches, settings, batch_size=128):
-    """(N, P, P, C) float patches -> (N, K) class probabilities, averaged over TTA views and MC passes."""
-    from kerasnuc.postprocess import dihedral_transform
-
-    if len(patches) == 0:
-        return None
-    total, count = None, 0
-    for _ in range(max(1, settings.mc_samples)):
-        for k in range(settings.transforms):
-            # Move the batch axis out of the way so the dihedral view acts on rows and columns.
-            view = np.moveaxis(dihedral_transform(np.moveaxis(patches, 0, 2), k), 2, 0)
-            view = np.ascontiguousarray(view, dtype=np.float32)
-            out = np.concatenate([_predict_padded(model, view[i:i + batch_size], batch_size)
-                                  for i in range(0, len(view), batch_size)])
-            total = out.astype(np.float64) if total is None else total + out
-            count += 1
-    return (total / count).astype(np.float32)
-
-
-def _predict_padded(model, batch, size):
-    """Predict a batch zero-padded to ``size`` rows (one traced shape for every chunk of patches)."""
-    if len(batch) == size:
-        return _predict_batch(model, batch)
-    padded = np.zeros((size,) + batch.shape[1:], batch.dtype)
-    padded[:len(batch)] = batch
-    return _predict_batch(model, padded)[:len(batch)]
+    engine = engine or engine_for(model, settings)
+    out = engine.predict_passes(record.image, tile=0, samples=max(1, settings.mc_samples),
+                                keep_views=settings.tta and settings.tta_merge == "vote")
+    if out["passes"] is None:
+        out["passes"] = out["mean"][None]
+    return out
 
 
 class Progress:
@@ -449,17 +403,16 @@ def evaluate_detection(records, predict, params, radius, log, progress_every=10,
 
 # ---------------------------------------------------------------------------- classification
 
-def evaluate_classification(records, predict_patches_fn, patch, channels, class_names=None,
+def evaluate_classification(records, classify, class_names=None,
                             num_classes=None, log=print, progress_every=10):
     """Classify patches centred on the records' classified nuclei and score them.
 
-    ``predict_patches_fn``: (N, patch, patch, C) float32 in [0, 1] -> (N, K) probabilities.
-    Patches are cut from ``normalize_image(image, channels)`` (as in training). Images
+    ``classify(image, points)`` -> (N, K) probabilities: the engine's
+    :meth:`kerasnuc.predict.Predictor.classify` (patches normalised with the whole image's
+    range, as in training). Images
     without classified nuclei are skipped (counted in ``skipped_images``).
     """
-    from kerasnuc.intensity import normalize_image
     from kerasnuc.data.pipeline import classified_points
-    from kerasnuc.data.targets import extract_patches
     from kerasnuc.metrics import classification_report
 
     y_true, y_score, owner, per_image, skipped = [], [], [], [], []
@@ -470,8 +423,7 @@ def evaluate_classification(records, predict_patches_fn, patch, channels, class_
             skipped.append(record.name)
             progress.step(record.name)
             continue
-        patches = extract_patches(normalize_image(record.image, channels), points, size=patch)
-        scores = np.asarray(predict_patches_fn(patches), np.float64)
+        scores = np.asarray(classify(record.image, points), np.float64)
         if scores.shape[0] != len(points) or scores.ndim != 2:
             raise EvaluationError(f"{record.name}: classifier returned {scores.shape} for {len(points)} patches")
         predicted = scores.argmax(axis=1)
@@ -580,8 +532,10 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         f"{'TTA 8 views' + (' + vote' if tta_merge == 'vote' else '') if tta else 'no TTA'}, "
         f"{passes} pass{'es' if passes > 1 else ''}{' (MC dropout)' if stochastic else ''}")
 
+    engine = engine_for(model, settings)
+
     def predict(record):
-        return predict_record(model, record, settings)
+        return predict_record(model, record, settings, engine)
 
     options = {"tta": bool(tta), "tta_transforms": settings.transforms,
                "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
@@ -610,8 +564,9 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
             patch = int(fixed[0])
         names = next((tuple(r.class_names) for r in records if r.class_names), None)
         options["patch"] = patch
+        engine = engine_for(model, settings, patch)
         metrics, artifacts = evaluate_classification(
-            records, lambda patches: predict_patches(model, patches, settings), patch, channels,
+            records, lambda image, points: engine.classify(image, points, batch_size=128, samples=passes),
             class_names=names, num_classes=int(model.output_shape[-1]), log=log,
             progress_every=progress_every)
     else:

@@ -3,7 +3,7 @@
 Segmentation models learn maps derived from instance labels (``foreground``,
 ``three_class``, ``distance_map``); detection models learn density maps made from
 points (``density_map``); classifiers learn from patches centred on points
-(``extract_patches``). Points are (x, y) in 0-based pixel coordinates, pixel centres at
+(``kerasnuc.predict.tiling.patches_at``, the one patch cutter). Points are (x, y) in 0-based pixel coordinates, pixel centres at
 integers, so pixel (row r, column c) covers x in [c - 0.5, c + 0.5).
 """
 
@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from kerasnuc.predict.tiling import reflect_indices  # noqa: F401  (the one mirror rule; augment imports it here)
 
-__all__ = ["foreground", "three_class", "distance_map", "density_map", "extract_patches",
+__all__ = ["foreground", "three_class", "distance_map", "density_map",
            "instance_centroids", "point_pixels", "reflect_indices", "SEGMENTATION_TARGETS",
            "segmentation_target"]
 
@@ -147,21 +147,3 @@ def instance_centroids(labels):
     return centres[:, ::-1].copy(), ids.astype(np.int64)
 
 
-def extract_patches(image, points, size=32):
-    """(H, W[, C]) image, (K, 2) (x, y) points -> (K, size, size, C) patches, the image's dtype.
-
-    Each patch is centred on the point's pixel (rounded as :func:`point_pixels`; with an
-    even ``size`` the centre is at index ``size // 2``); beyond the image border the
-    image is mirror-reflected (``np.pad(mode="reflect")``). Points just outside the image
-    are clamped to its border pixel.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    height, width = image.shape[:2]
-    rows, cols, _ = point_pixels(points, (height, width))
-    rows, cols = np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)
-    offsets = np.arange(size) - size // 2
-    row_index = reflect_indices(rows[:, None] + offsets[None, :], height)  # (K, size)
-    col_index = reflect_indices(cols[:, None] + offsets[None, :], width)
-    return image[row_index[:, :, None], col_index[:, None, :]]

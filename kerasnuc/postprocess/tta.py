@@ -10,44 +10,8 @@ import numpy as np
 
 __all__ = ["DIHEDRAL", "dihedral_transform", "inverse_dihedral", "predict_tta", "merge_instances_by_vote"]
 
-# k -> (quarter turns counter-clockwise, then mirror left-right); k = 0 is the identity.
-DIHEDRAL = tuple((k % 4, k >= 4) for k in range(8))
-
-
-def _check_k(k):
-    if not 0 <= int(k) < 8:
-        raise ValueError(f"dihedral index must be in 0..7, got {k}")
-    return DIHEDRAL[int(k)]
-
-
-def dihedral_transform(image, k):
-    """View ``k`` (0..7) of an (H, W, ...) array: rot90 k % 4 times, then mirror if k >= 4.
-
-    Spatial axes are 0 and 1; odd rotations give (W, H, ...). Returns a view.
-    """
-    turns, mirror = _check_k(k)
-    out = np.rot90(image, turns, axes=(0, 1))
-    return out[:, ::-1] if mirror else out
-
-
-def inverse_dihedral(image, k):
-    """Undo :func:`dihedral_transform` view ``k`` on an (H', W', ...) array."""
-    turns, mirror = _check_k(k)
-    out = image[:, ::-1] if mirror else image
-    return np.rot90(out, -turns, axes=(0, 1))
-
-
-def _transform_indices(transforms):
-    if isinstance(transforms, (int, np.integer)):
-        if not 1 <= transforms <= 8:
-            raise ValueError(f"transforms must be 1..8 or a list of dihedral indices, got {transforms}")
-        return list(range(int(transforms)))
-    indices = [int(k) for k in transforms]
-    if not indices:
-        raise ValueError("transforms is empty")
-    for k in indices:
-        _check_k(k)
-    return indices
+from kerasnuc.predict.tiling import DIHEDRAL, _check_k, dihedral_transform, inverse_dihedral  # noqa: F401
+from kerasnuc.predict.tiling import transform_indices as _transform_indices
 
 
 def predict_tta(predict_fn, image, transforms=8):

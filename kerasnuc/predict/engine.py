@@ -22,8 +22,9 @@ from kerasnuc.predict.tiling import TilePlan, fitting_margin, pad_to_tile, patch
 class Predictor:
     """A model and its metadata, ready to turn images into maps, points and nuclei."""
 
-    def __init__(self, runtime, meta=None, batch_size=4, block=2048, block_overlap=None):
+    def __init__(self, runtime, meta=None, batch_size=4, block=2048, block_overlap=None, tta=1):
         self.runtime = runtime
+        self.tta = tta
         self.meta = meta if meta is not None else runtime.meta
         self.batch_size = int(batch_size)
         self.block = int(block)
@@ -80,15 +81,22 @@ class Predictor:
         return plan, plan.pad
 
     def _run_tiles(self, plan, padded, value_range=None):
-        """Stitched (plan height, plan width, K) map of one pass over the plan's tiles."""
-        outs = []
+        """Stitched (plan height, plan width, K) map of one pass over the plan's tiles, pasted
+        batch by batch (tile outputs with their margins are never all held at once)."""
+        result = None
         for indices in plan.batches(self.batch_size):
             tiles = plan.extract(padded, indices)
             if value_range is not None:  # the runtime normalises (TF-Serving graph)
-                outs.extend(self.runtime.run_raw(tiles, value_range))
+                outs = self.runtime.run_raw(tiles, value_range)
             else:
-                outs.extend(self.runtime.run(tiles))
-        return plan.stitch(outs)
+                outs = self.runtime.run(tiles)
+            for index, out in zip(indices, outs):
+                out = np.asarray(out)
+                if result is None:
+                    result = np.zeros(plan.padded_shape + out.shape[2:], dtype=out.dtype)
+                top, left, (r0, r1), (c0, c1) = plan.tiles[index]
+                result[r0:r1, c0:c1] = out[r0 - top:r1 - top, c0 - left:c1 - left]
+        return result[:plan.height, :plan.width]
 
     def run_tiled(self, x, tile=None, margin=None):
         """(H, W, C) normalised float32 image -> (H, W, K) map stitched from tiles."""
@@ -96,33 +104,58 @@ class Predictor:
         plan, pad = self.plan_for(x.shape[0], x.shape[1], tile, margin)
         return self._run_tiles(plan, pad(x))[:x.shape[0], :x.shape[1]]
 
-    def predict_maps(self, image, tile=None, margin=None, samples=None, value_range=None):
+    def predict_maps(self, image, tile=None, margin=None, samples=None, value_range=None, tta=None):
         """(H, W, C) uint8 image -> ((H, W, K) mean map, (H, W, K) variance or None).
 
         ``value_range``: the (min, max) that defines the normalisation (default: this image's;
         a block of a larger image passes the whole image's). ``samples``: Monte-Carlo passes
-        (default: the metadata's ``mc_samples`` for stochastic models, else 1).
+        (default: the metadata's ``mc_samples`` for stochastic models, else 1). ``tta``:
+        dihedral views averaged per pass (1..8 or a list of indices; default ``self.tta``).
         """
+        out = self.predict_passes(image, tile, margin, samples, value_range, tta)
+        return out["mean"], out["variance"]
+
+    def predict_passes(self, image, tile=None, margin=None, samples=None, value_range=None, tta=None,
+                       keep_views=False):
+        """The maps of every pass: {"mean", "variance" (None for one pass), "passes" (S, H, W, K)
+        or None for one pass, "views" (the mapped-back dihedral views averaged over passes, with
+        ``keep_views``) or None}. Each pass averages its ``tta`` views (each mapped back)."""
+        from kerasnuc.predict.tiling import dihedral_transform, inverse_dihedral, transform_indices
+
         image = _as_hwc(image)
         height, width = image.shape[:2]
         value_range = intensity_range(image, self.channels) if value_range is None else tuple(value_range)
-        plan, pad = self.plan_for(height, width, tile, margin)
         raw = getattr(self.runtime, "takes_raw", False)
-        padded = pad(image) if raw else normalize_with_range(pad(image), self.channels, value_range)
+        x = image if raw else normalize_with_range(image, self.channels, value_range)
+        indices = transform_indices(self.tta if tta is None else tta)
         samples = self.default_samples() if samples is None else max(1, int(samples))
-        total = total_sq = None
+        passes, views = [], None
         for _ in range(samples):
-            maps = self._run_tiles(plan, padded, value_range if raw else None)[:height, :width].astype(np.float64)
-            total = maps if total is None else total + maps
-            total_sq = maps ** 2 if total_sq is None else total_sq + maps ** 2
-        mean = total / samples
-        variance = np.maximum(total_sq / samples - mean ** 2, 0.0) if samples > 1 else None
-        return mean.astype(np.float32), None if variance is None else variance.astype(np.float32)
+            pass_views = []
+            for k in indices:
+                view = dihedral_transform(x, k) if k else x
+                plan, pad = self.plan_for(view.shape[0], view.shape[1], tile, margin)
+                out = self._run_tiles(plan, pad(view), value_range if raw else None)[:view.shape[0], :view.shape[1]]
+                pass_views.append(inverse_dihedral(out, k) if k else out)
+            if keep_views:
+                views = pass_views if views is None else [v + p for v, p in zip(views, pass_views)]
+            passes.append(pass_views[0] if len(pass_views) == 1 else np.mean(pass_views, axis=0))
+        if views is not None:
+            views = [np.ascontiguousarray(v / samples, dtype=np.float32) for v in views]
+        if samples == 1:
+            return {"mean": np.ascontiguousarray(passes[0], dtype=np.float32), "variance": None,
+                    "passes": None, "views": views}
+        stack = np.stack(passes).astype(np.float32)
+        return {"mean": stack.mean(axis=0), "variance": stack.var(axis=0), "passes": stack, "views": views}
 
     # -- nuclei
 
-    def classify(self, image, points, batch_size=64, samples=None, value_range=None):
-        """(K, classes) probabilities for nuclei at (x, y) ``points`` of a uint8 image."""
+    def classify(self, image, points, batch_size=64, samples=None, value_range=None, tta=None):
+        """(K, classes) probabilities for nuclei at (x, y) ``points`` of a uint8 image, averaged
+        over Monte-Carlo passes and ``tta`` dihedral views of each patch. Batches are padded to
+        ``batch_size`` so the runtime sees one shape."""
+        from kerasnuc.predict.tiling import dihedral_transform, transform_indices
+
         image = _as_hwc(image)
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         if len(points) == 0:
@@ -134,11 +167,19 @@ class Predictor:
         if not raw:
             patches = normalize_with_range(patches, self.channels, value_range)
         samples = self.default_samples() if samples is None else max(1, int(samples))
+        indices = transform_indices(self.tta if tta is None else tta)
         outs = []
         for start in range(0, len(patches), batch_size):
             chunk = patches[start:start + batch_size]
-            runs = [self.runtime.run_raw(chunk, value_range) if raw else self.runtime.run(chunk)
-                    for _ in range(samples)]
+            count = len(chunk)
+            if count < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)])
+            runs = []
+            for _ in range(samples):
+                for k in indices:
+                    view = np.ascontiguousarray(np.moveaxis(dihedral_transform(np.moveaxis(chunk, 0, 2), k), 2, 0))
+                    out = self.runtime.run_raw(view, value_range) if raw else self.runtime.run(view)
+                    runs.append(np.asarray(out, np.float64)[:count])
             outs.append(np.mean(runs, axis=0))
         return np.concatenate(outs).astype(np.float32)
 
@@ -430,7 +471,7 @@ def load(source, model_name=None, classifier=None, **options):
     from kerasnuc.predict.runtimes import open_runtime
 
     predictor = Predictor(open_runtime(source, model_name, **options),
-                          **{k: v for k, v in options.items() if k in ("batch_size", "block", "block_overlap")})
+                          **{k: v for k, v in options.items() if k in ("batch_size", "block", "block_overlap", "tta")})
     if classifier is not None:
         predictor.attach_classifier(classifier if isinstance(classifier, Predictor) else load(classifier))
     return predictor

@@ -200,12 +200,14 @@ def tissue_mask(thumbnail):
 
 
 def _strided_read(slide, level, side):
+    """Every n-th row and column of a level too large to read whole, in bands of rows (so a
+    tiled file decodes each tile once)."""
     height, width = slide.levels[level]
     step = max(1, math.ceil(max(height, width) / side))
+    band = max(step, 256 // step * step)
     rows = []
-    for top in range(0, height, step):
-        strip = slide.read(level, top, top + 1, 0, width)
-        rows.append(strip[:, ::step])
+    for top in range(0, height, band):
+        rows.append(slide.read(level, top, min(top + band, height), 0, width)[::step, ::step])
     return np.concatenate(rows, axis=0)
 
 

@@ -129,26 +129,25 @@ class TilePlan:
 
 
 def patches_at(image, points, size):
-    """(K, size, size, C) patches of an (H, W, C) image centred on (x, y) points.
+    """(K, size, size, C) patches of an (H, W[, C]) image centred on (x, y) points, the image's dtype.
 
-    The centre pixel of a point is the nearest pixel (x = c - 0.5 goes to column c),
-    clipped into the image; out-of-image pixels are mirror-reflected: the rule of
-    ``kerasnuc.data.pipeline.ClassificationDataset.patch_at``.
+    The one patch cutter (training's evaluation, the engine's classification): each patch
+    is centred on the point's nearest pixel (x = c - 0.5 goes to column c; with an even
+    ``size`` the centre is at index ``size // 2``), points just outside are clamped to the
+    border pixel, and beyond the border the image is mirror-reflected (``np.pad(mode="reflect")``),
+    as ``kerasnuc.data.pipeline.ClassificationDataset.patch_at`` does in training.
     """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     height, width = image.shape[:2]
-    out = np.zeros((len(points), size, size, image.shape[2]), image.dtype)
+    rows = np.clip(np.floor(points[:, 1] + 0.5).astype(np.int64), 0, height - 1)
+    cols = np.clip(np.floor(points[:, 0] + 0.5).astype(np.int64), 0, width - 1)
     offsets = np.arange(size) - size // 2
-    for k, (x, y) in enumerate(points):
-        row = int(np.clip(np.floor(y + 0.5), 0, height - 1))
-        col = int(np.clip(np.floor(x + 0.5), 0, width - 1))
-        rows = reflect_indices(row + offsets, height)
-        cols = reflect_indices(col + offsets, width)
-        out[k] = image[rows][:, cols]
-    return out
+    row_index = reflect_indices(rows[:, None] + offsets[None, :], height)  # (K, size)
+    col_index = reflect_indices(cols[:, None] + offsets[None, :], width)
+    return image[row_index[:, :, None], col_index[:, None, :]]
 
 
 def fitting_margin(tile_shape, margin, multiple):
@@ -169,3 +168,45 @@ def pad_to_tile(image, multiple, tile_shape):
         return padded
     mode = "reflect" if min(padded.shape[:2]) > 1 else "edge"
     return np.pad(padded, ((0, extra[0]), (0, extra[1])) + ((0, 0),) * (padded.ndim - 2), mode=mode)
+
+
+# Test-time augmentation: the 8 dihedral views (kerasnuc.postprocess.tta re-exports these).
+# k -> (quarter turns counter-clockwise, then mirror left-right); k = 0 is the identity.
+DIHEDRAL = tuple((k % 4, k >= 4) for k in range(8))
+
+
+def _check_k(k):
+    if not 0 <= int(k) < 8:
+        raise ValueError(f"dihedral index must be in 0..7, got {k}")
+    return DIHEDRAL[int(k)]
+
+
+def dihedral_transform(image, k):
+    """View ``k`` (0..7) of an (H, W, ...) array: rot90 k % 4 times, then mirror if k >= 4.
+
+    Spatial axes are 0 and 1; odd rotations give (W, H, ...). Returns a view.
+    """
+    turns, mirror = _check_k(k)
+    out = np.rot90(image, turns, axes=(0, 1))
+    return out[:, ::-1] if mirror else out
+
+
+def inverse_dihedral(image, k):
+    """Undo :func:`dihedral_transform` view ``k`` on an (H', W', ...) array."""
+    turns, mirror = _check_k(k)
+    out = image[:, ::-1] if mirror else image
+    return np.rot90(out, -turns, axes=(0, 1))
+
+
+def transform_indices(transforms):
+    """Dihedral view indices of ``transforms``: a count 1..8 (the first n) or a list of indices."""
+    if isinstance(transforms, (int, np.integer)):
+        if not 1 <= transforms <= 8:
+            raise ValueError(f"transforms must be 1..8 or a list of dihedral indices, got {transforms}")
+        return list(range(int(transforms)))
+    indices = [int(k) for k in transforms]
+    if not indices:
+        raise ValueError("transforms is empty")
+    for k in indices:
+        _check_k(k)
+    return indices
