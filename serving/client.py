@@ -36,7 +36,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kerasnuc.predict.tiling import TilePlan, intensity_range, patches_at  # noqa: E402
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -62,7 +61,8 @@ def from_tensor_proto(proto):
 
 
 class ServingClient:
-    """One model on one TF-Serving endpoint: metadata, retried Predict calls, tiled maps."""
+    """One model on one TF-Serving endpoint: metadata, retried Predict calls, and the prediction
+    engine over them (:meth:`engine`)."""
 
     def __init__(self, target, model, version=None, timeout=60.0, retries=4, backoff=0.25,
                  max_backoff=8.0, in_flight=4, max_message_mb=64, metadata=None, log=None):
@@ -144,58 +144,24 @@ class ServingClient:
             self._meta = json.loads(text.item().decode() if hasattr(text, "item") else text)
         return self._meta
 
-    # -- tiled maps
+    # -- the prediction engine over this client
 
-    def submit_maps(self, image, tile=None, margin=None, batch=4, uncertainty=None):
-        """Futures for the tiles of one image and a function that stitches their results.
+    def engine(self, batch=4):
+        """A :class:`kerasnuc.predict.Predictor` whose runtime is this client: the engine tiles,
+        normalises (in the server's graph), averages and post-processes."""
+        from kerasnuc.predict.engine import Predictor
+        from kerasnuc.predict.runtimes import GrpcRuntime
 
-        Returns ``finish()``; calling it waits and returns ((H, W, K) maps, variance or None).
-        """
-        meta = self.meta
-        channels, multiple = meta["channels"], meta.get("multiple", 1)
-        uncertainty = meta.get("stochastic", False) if uncertainty is None else uncertainty
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = image[..., None]
-        plan = TilePlan(image.shape[0], image.shape[1], tile or meta.get("serving_tile", 256),
-                        meta.get("tile_margin", 32) if margin is None else margin, multiple)
-        padded = plan.pad(image)
-        value_range = np.asarray(intensity_range(image, channels), np.float32)
-        signature = "uncertainty_with_range" if uncertainty else "with_range"
-        keys = ("mean", "variance") if uncertainty else ("maps",)
-        jobs = []
-        for indices in plan.batches(batch):
-            tiles = plan.extract(padded, indices)
-            ranges = np.repeat(value_range[None], len(tiles), axis=0)
-            jobs.append(self.submit(signature, {"image": tiles, "intensity_range": ranges}, keys))
+        return Predictor(GrpcRuntime(client=self), batch_size=batch)
 
-        def finish():
-            results = [job.result() for job in jobs]
-            stitched = [plan.stitch([tile for r in results for tile in r[key]]) for key in keys]
-            return stitched[0], (stitched[1] if uncertainty else None)
-
-        finish.tiles = len(plan)
-        finish.requests = len(jobs)
-        return finish
-
-    def predict_maps(self, image, tile=None, margin=None, batch=4, uncertainty=None):
-        """((H, W, K) maps, variance or None) of a uint8 image, tiled."""
-        return self.submit_maps(image, tile, margin, batch, uncertainty)()
+    def predict_maps(self, image, tile=None, margin=None, batch=4):
+        """((H, W, K) maps, variance or None) of a uint8 image, tiled; Monte-Carlo models
+        use the ``uncertainty_with_range`` signature."""
+        return self.engine(batch).predict_maps(image, tile, margin)
 
     def classify(self, image, points, batch=64):
         """(K, classes) probabilities of nuclei at (x, y) ``points`` (patches, whole-image range)."""
-        meta = self.meta
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        if len(points) == 0:
-            return np.zeros((0, meta.get("output_channels", 1)), np.float32)
-        value_range = np.asarray(intensity_range(image, meta["channels"]), np.float32)
-        patches = patches_at(image, points, meta["patch"])
-        signature = "uncertainty_with_range" if meta.get("stochastic") else "with_range"
-        key = "mean" if meta.get("stochastic") else "probabilities"
-        jobs = [self.submit(signature, {"image": patches[i:i + batch],
-                                        "intensity_range": np.repeat(value_range[None], len(patches[i:i + batch]), 0)},
-                            (key,)) for i in range(0, len(patches), batch)]
-        return np.concatenate([job.result()[key] for job in jobs]).astype(np.float32)
+        return self.engine().classify(image, points, batch_size=batch)
 
 
 def main(argv=None):
@@ -217,7 +183,7 @@ def main(argv=None):
     parser.add_argument("--save-maps", action="store_true", dest="save_maps", help="also write <stem>_maps.npy")
     args = parser.parse_args(argv)
 
-    from kerasnuc.predict.postprocess import _kwargs
+    from kerasnuc.predict.postprocess import instances, points_from_maps
     from serving.edge import _apply_stain, points_for, read_image, write_labels_png, write_points_csv
 
     metadata = None
@@ -234,18 +200,14 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         started = time.perf_counter()
         images = [(path, _apply_stain(meta, read_image(path))) for path in args.images]
-        pending = []
-        if task != "classification":  # all tiles of all images in flight together
-            pending = [client.submit_maps(image, args.tile, args.margin, args.batch) for _, image in images]
-        from kerasnuc.postprocess import centroids_from_density, instances_from_probability
-
+        engine = client.engine(args.batch)
         post = meta.get("postprocess") or {}
         total_nuclei = 0
-        for index, (path, image) in enumerate(images):
+        for path, image in images:
             stem = os.path.splitext(os.path.basename(path))[0]
             if task == "classification":
                 points = points_for(args.points, path)
-                probabilities = client.classify(image, points)
+                probabilities = engine.classify(image, points)
                 names = meta.get("class_names") or [f"class_{i}" for i in range(probabilities.shape[-1])]
                 classes = probabilities.argmax(-1) if len(points) else np.zeros(0, int)
                 out = os.path.join(args.out, f"{stem}_classes.csv")
@@ -254,24 +216,24 @@ def main(argv=None):
                                   for c, probs in zip(classes, probabilities)])
                 count, detail = len(points), f"{len(points)} nuclei classified"
             else:
-                maps, variance = pending[index]()
+                before = client.requests
+                maps, variance = engine.predict_maps(image, args.tile, args.margin)
                 if args.save_maps:
                     np.save(os.path.join(args.out, f"{stem}_maps.npy"), maps)
                 if variance is not None:
                     np.save(os.path.join(args.out, f"{stem}_variance.npy"), variance)
                 if task == "segmentation":
-                    labels = instances_from_probability(maps, **_kwargs(instances_from_probability, post))
+                    labels = instances(maps, post)
                     out = os.path.join(args.out, f"{stem}_labels.png")
                     write_labels_png(out, labels)
                     count = int(labels.max())
                 else:
-                    density = maps[..., 0] if maps.shape[-1] == 1 else maps.max(axis=-1)
-                    points = centroids_from_density(density, **_kwargs(centroids_from_density, post))
+                    points = points_from_maps(maps, task, post)
                     out = os.path.join(args.out, f"{stem}_centroids.csv")
                     write_points_csv(out, points)
                     count = len(points)
                 detail = (f"{count} nuclei, {image.shape[1]}x{image.shape[0]} px in "
-                          f"{pending[index].tiles} tiles / {pending[index].requests} requests")
+                          f"{client.requests - before} requests")
             total_nuclei += count
             print(f"{path}: {detail} -> {out}", flush=True)
         elapsed = time.perf_counter() - started

@@ -103,12 +103,24 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
 
 def predict_scores(model, records, config):
     """(y_true (N,), y_score (N, K), sources (N, 3): record index, x, y) over every classified
-    nucleus of ``records``, in evaluation mode (no augmentation, each nucleus once)."""
-    data = ClassificationDataset(records, patch=config.patch, batch_size=max(config.batch_size, 64),
-                                 channels=config.channels, evaluation=True)
+    nucleus of ``records``, each once, unaugmented, through the prediction engine (the same
+    patches and normalisation as ``ClassificationDataset(evaluation=True)``)."""
+    from kerasnuc.predict.engine import Predictor
+    from kerasnuc.predict.runtimes import KerasRuntime
+
+    meta = {"channels": config.channels, "patch": config.patch, "output_channels": int(model.output_shape[-1])}
+    engine = Predictor(KerasRuntime(model=model, meta=meta))
     passes = config.mc_samples if models.is_stochastic(model) else 1
-    scores = np.mean([model.predict(data, verbose=0) for _ in range(passes)], axis=0)
-    return data.classes.astype(np.int64), np.asarray(scores, dtype=np.float64), data.sources
+    y_true, y_score, sources = [], [], []
+    for index, record in enumerate(records):
+        points, classes = classified_points(record)
+        if len(points) == 0:
+            continue
+        y_score.append(engine.classify(record.image, points, batch_size=max(config.batch_size, 64), samples=passes))
+        y_true.append(classes)
+        sources.append(np.column_stack([np.full(len(points), index), points]))
+    return (np.concatenate(y_true).astype(np.int64), np.concatenate(y_score).astype(np.float64),
+            np.concatenate(sources))
 
 
 def evaluate(y_true, y_score, class_names):

@@ -80,23 +80,32 @@ class Predictor:
         plan = TilePlan(height, width, tile, margin, multiple)
         return plan, plan.pad
 
-    def _run_tiles(self, plan, padded, value_range=None):
+    def _run_tiles(self, plan, padded, value_range=None, uncertainty=False):
         """Stitched (plan height, plan width, K) map of one pass over the plan's tiles, pasted
-        batch by batch (tile outputs with their margins are never all held at once)."""
-        result = None
-        for indices in plan.batches(self.batch_size):
-            tiles = plan.extract(padded, indices)
-            if value_range is not None:  # the runtime normalises (TF-Serving graph)
-                outs = self.runtime.run_raw(tiles, value_range)
-            else:
-                outs = self.runtime.run(tiles)
-            for index, out in zip(indices, outs):
-                out = np.asarray(out)
-                if result is None:
-                    result = np.zeros(plan.padded_shape + out.shape[2:], dtype=out.dtype)
+        batch by batch (tile outputs with their margins are never all held at once).
+
+        A runtime with ``submit`` (gRPC) gets every batch at once, so requests are in flight
+        together; ``uncertainty``: its in-graph Monte-Carlo signature, giving (mean, variance).
+        """
+        batches = plan.batches(self.batch_size)
+        submit = getattr(self.runtime, "submit", None)
+        if submit is not None:
+            jobs = [submit(plan.extract(padded, indices), value_range, uncertainty) for indices in batches]
+            outputs = (job.result() for job in jobs)
+        else:
+            outputs = ((self.runtime.run_raw(plan.extract(padded, indices), value_range),)
+                       if value_range is not None else (self.runtime.run(plan.extract(padded, indices)),)
+                       for indices in batches)
+        results = None
+        for indices, outs in zip(batches, outputs):
+            for position, index in enumerate(indices):
                 top, left, (r0, r1), (c0, c1) = plan.tiles[index]
-                result[r0:r1, c0:c1] = out[r0 - top:r1 - top, c0 - left:c1 - left]
-        return result[:plan.height, :plan.width]
+                if results is None:
+                    results = [np.zeros(plan.padded_shape + np.asarray(o[position]).shape[2:], np.float32) for o in outs]
+                for result, out in zip(results, outs):
+                    result[r0:r1, c0:c1] = np.asarray(out[position])[r0 - top:r1 - top, c0 - left:c1 - left]
+        results = [r[:plan.height, :plan.width] for r in results]
+        return tuple(results) if uncertainty else results[0]
 
     def run_tiled(self, x, tile=None, margin=None):
         """(H, W, C) normalised float32 image -> (H, W, K) map stitched from tiles."""
@@ -128,6 +137,12 @@ class Predictor:
         raw = getattr(self.runtime, "takes_raw", False)
         x = image if raw else normalize_with_range(image, self.channels, value_range)
         indices = transform_indices(self.tta if tta is None else tta)
+        if (samples is None and self.stochastic and getattr(self.runtime, "mc_in_graph", False)
+                and indices == [0] and not keep_views):  # the server's T passes in one request per tile
+            plan, pad = self.plan_for(height, width, tile, margin)
+            mean, variance = self._run_tiles(plan, pad(x), value_range if raw else None, uncertainty=True)
+            return {"mean": mean[:height, :width], "variance": variance[:height, :width], "passes": None,
+                    "views": None}
         samples = self.default_samples() if samples is None else max(1, int(samples))
         passes, views = [], None
         for _ in range(samples):

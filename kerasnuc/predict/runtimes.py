@@ -43,24 +43,52 @@ def predict_maps(model, image, channels, multiple=16):
 
 
 class GrpcRuntime:
-    """A model served by TF-Serving (``serving.server`` or ``tensorflow_model_server``)."""
+    """A model served by TF-Serving (``serving.server`` or ``tensorflow_model_server``).
 
-    def __init__(self, target, model_name, timeout=60.0):
-        from serving.client import ServingClient
+    Tiles go out as uint8 with the whole image's (min, max) (the ``with_range`` signature:
+    the server's graph normalises); the engine submits every batch of an image at once, up
+    to the client's ``in_flight`` requests run together. Monte-Carlo models use the
+    ``uncertainty_with_range`` signature (T passes in the graph, mean and variance back).
+    """
 
-        self.path = f"{target}/{model_name}"
-        self.client = ServingClient(target, model_name, timeout=timeout)
-        self.meta = self.client.meta
-        self.static_shape = None
-        self.takes_raw = True  # the server's graph normalises (the "with_range" signature)
+    takes_raw = True
+    mc_in_graph = True
+    static_shape = None
+
+    def __init__(self, target=None, model_name=None, timeout=60.0, client=None):
+        if client is None:
+            from serving.client import ServingClient
+
+            client = ServingClient(target, model_name, timeout=timeout)
+        self.client = client
+        self.path = f"{client.target}/{client.model}"
+        self.meta = client.meta
+
+    def submit(self, tiles, value_range, uncertainty=False):
+        """A future of the outputs of one batch: (maps,) or (mean, variance)."""
+        ranges = np.repeat(np.asarray(value_range, np.float32)[None], len(tiles), axis=0)
+        inputs = {"image": np.ascontiguousarray(tiles), "intensity_range": ranges}
+        classification = self.meta.get("task") == "classification"
+        if uncertainty:
+            signature, keys = "uncertainty_with_range", ("mean", "variance")
+        else:
+            signature, keys = "with_range", ("probabilities" if classification else "maps",)
+        job = self.client.submit(signature, inputs, keys)
+        return _Mapped(job, lambda out: tuple(np.asarray(out[key], np.float32) for key in keys))
 
     def run_raw(self, tiles, value_range):
         """uint8 tiles + the whole image's (min, max) -> float32 model output (one pass)."""
-        ranges = np.repeat(np.asarray(value_range, np.float32)[None], len(tiles), axis=0)
-        key = "probabilities" if self.meta.get("task") == "classification" else "maps"
-        out = self.client.predict("with_range", {"image": np.ascontiguousarray(tiles), "intensity_range": ranges},
-                                  (key,))
-        return np.asarray(out[key], np.float32)
+        return self.submit(tiles, value_range).result()[0]
+
+
+class _Mapped:
+    """A future whose result is ``convert``ed."""
+
+    def __init__(self, job, convert):
+        self.job, self.convert = job, convert
+
+    def result(self):
+        return self.convert(self.job.result())
 
 
 def open_runtime(source, model_name=None, **options):
