@@ -76,7 +76,8 @@ class Outputs:
     def add(self, result):
         for fmt, writer in self.writers.items():
             if fmt == "geojson":
-                writer.add(result.labels, result.table, offset=result.box[::2], downsample=self.downsample)
+                writer.add(result.labels, result.table, offset=result.box[::2], downsample=self.downsample,
+                           rings=result.rings)
             elif fmt == "csv":
                 writer.add(result.table)
             else:

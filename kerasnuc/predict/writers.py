@@ -53,11 +53,13 @@ def write_labels(path, labels):
     return _atomic(path, write)
 
 
-def polygons(labels, table_ids, offset=(0, 0), tolerance=1.0):
+def polygons(labels, table_ids, tolerance=1.0):
     """{id: closed ring [[x, y], ...]} of the outer contour of each instance, simplified within
-    ``tolerance`` pixels (OpenCV), in pixel-corner coordinates shifted by ``offset`` (x, y)."""
+    ``tolerance`` pixels (OpenCV), in pixel-corner coordinates (:func:`kerasnuc.predict.measure.outline`)."""
     import cv2
     from scipy import ndimage as ndi
+
+    from kerasnuc.predict.measure import outline
 
     labels = np.asarray(labels)
     rings = {}
@@ -66,19 +68,10 @@ def polygons(labels, table_ids, offset=(0, 0), tolerance=1.0):
     for index, box in enumerate(slices, 1):
         if box is None or index not in wanted:
             continue
-        r, c = box[0].start, box[1].start
         mask = np.pad((labels[box] == index).astype(np.uint8), 1)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        if not contours:
-            continue
-        contour = max(contours, key=cv2.contourArea)
-        contour = cv2.approxPolyDP(contour, tolerance, True).reshape(-1, 2).astype(np.float64)
-        if len(contour) < 3:
-            contour = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float64) + contour[:1]
-        # pixel centres (c - 1 for the pad) to corners (+0.5): the ring goes round the pixels
-        points = contour + [c - 1 + 0.5 + offset[0], r - 1 + 0.5 + offset[1]]
-        ring = points.round(2).tolist()
-        rings[index] = ring + [ring[0]]
+        if contours:
+            rings[index] = outline(contours, (box[0].start - 1, box[1].start - 1), tolerance)
     return rings
 
 
@@ -86,10 +79,11 @@ def measurement_columns(table):
     return [name for name in table if name not in ("id", "class")]
 
 
-def geojson_features(labels, table, offset=(0, 0), downsample=1.0, mpp=None, class_names=None):
-    """QuPath detections (dicts) of the nuclei of ``table`` outlined in ``labels``, whose pixel
-    (0, 0) is view pixel ``offset`` (top, left); rings in level-0 pixels (x ``downsample``)."""
-    rings = polygons(labels, table["id"])
+def geojson_features(labels, table, offset=(0, 0), downsample=1.0, mpp=None, class_names=None, rings=None):
+    """QuPath detections (dicts) of the nuclei of ``table`` outlined in ``labels`` (or given as
+    ``rings``, {id: ring}), whose pixel (0, 0) is view pixel ``offset`` (top, left); rings in
+    level-0 pixels (x ``downsample``)."""
+    rings = polygons(labels, table["id"]) if rings is None else rings
     names = list(class_names or sorted(set(table.get("class", []))))
     shift = np.asarray([offset[1], offset[0]], np.float64)
     features = []
@@ -140,8 +134,8 @@ class GeoJSONWriter(_Streamed):
         self.handle.write('{"type": "FeatureCollection", "features": [')
         self.count = 0
 
-    def add(self, labels, table, offset=(0, 0), downsample=1.0):
-        for feature in geojson_features(labels, table, offset, downsample, self.mpp, self.class_names):
+    def add(self, labels, table, offset=(0, 0), downsample=1.0, rings=None):
+        for feature in geojson_features(labels, table, offset, downsample, self.mpp, self.class_names, rings):
             self.handle.write(("," if self.count else "") + "\n" + json.dumps(feature))
             self.count += 1
 
