@@ -1,6 +1,7 @@
 """End-to-end prediction speed and peak memory of the engine (kerasnuc.predict), written to files.
 
     python3 bench/bench_predict.py RUN [--sizes 4096,16384] [--images 65] [--out bench/results]
+                                       [--stardist runs/stardist_dsb]
 
 1. The DSB 2018 stage1_test images: the network alone (``predict_maps`` on every image), then
    end to end through the engine's stream (network a thread ahead of post-processing), with
@@ -11,6 +12,11 @@
    the command line (``python -m kerasnuc.predict``, all four formats, labels as a pyramidal
    OME-TIFF) in a process of its own: megapixels per second and that process's peak resident
    memory.
+
+With ``--stardist MODEL`` (a StarDist 2D model folder trained by ``bench/stardist/bench_stardist.py
+train``), StarDist runs side by side in the same run, in its bench-only venv
+(``bench/stardist/setup.sh``): ``predict_instances`` on the same test images (its labels scored
+by the same scorer) and ``predict_instances_big`` on the same mosaic files.
 
 Writes ``predict.md`` and ``predict.json``.
 """
@@ -146,7 +152,7 @@ def write_mosaic_slide(path, side, mpp=0.25, tile=256):
                       resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
 
 
-def one_mosaic(run, side):
+def one_mosaic(run, side, slide):
     """Predict a mosaic slide through the CLI in this process; seconds, MP/s, peak RSS."""
     import tempfile
 
@@ -154,10 +160,7 @@ def one_mosaic(run, side):
     from kerasnuc.predict import engine
 
     with tempfile.TemporaryDirectory(prefix="bench-mosaic-") as folder:
-        slide = os.path.join(folder, f"mosaic{side}.tif")
-        started = time.perf_counter()
-        write_mosaic_slide(slide, side)
-        written = time.perf_counter() - started
+        written = 0.0
         baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         _, timing = timed_predictor(run)  # patches the engine's post-processing timer
         load = engine.load
@@ -198,32 +201,100 @@ def one_mosaic(run, side):
             "outputs_mb": sizes, **{f"{k}_s": v for k, v in timing.items()}}
 
 
+STARDIST_PYTHON = os.path.join(ROOT, "bench", ".venv-stardist", "bin", "python")
+STARDIST_SCRIPT = os.path.join(ROOT, "bench", "stardist", "bench_stardist.py")
+
+
+def _stardist(*arguments):
+    if not os.path.exists(STARDIST_PYTHON):
+        sys.exit(f"bench_predict: {STARDIST_PYTHON} missing; run bench/stardist/setup.sh first")
+    done = subprocess.run([STARDIST_PYTHON, STARDIST_SCRIPT, *arguments], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench_predict: StarDist failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def stardist_dsb_test(model, limit):
+    """StarDist's predict_instances on the same test images, scored by the same scorer."""
+    import tempfile
+
+    from kerasnuc import metrics
+    from kerasnuc.data import load_dataset
+    from kerasnuc.data.imageio import read_label_image
+
+    records = list(load_dataset(f"dsb2018:{os.path.join(SHARED, 'dsb2018', 'stage1_test')}"))[:limit]
+    with tempfile.TemporaryDirectory(prefix="bench-stardist-") as folder:
+        report = os.path.join(folder, "predict.json")
+        _stardist("predict", "--model", model, "--images", os.path.join(SHARED, "dsb2018", "stage1_test", "images"),
+                  "--limit", str(limit), "--out", report, "--labels-out", os.path.join(folder, "labels"))
+        with open(report) as handle:
+            out = json.load(handle)
+        scores = []
+        for record in records:
+            path = next(p for p in glob.glob(os.path.join(folder, "labels", record.name + ".*")))
+            scores.append(metrics.segmentation_report(record.labels, read_label_image(path)))
+    totals = out["totals"]
+    mean = {key: float(np.mean([s[key] for s in scores])) for key in ("aji", "pq", "f1")}
+    return {"images": len(records), "megapixels": totals["megapixels"], "seconds": totals["seconds"],
+            "mp_per_s": totals["mp_per_s"], "network_s": totals["network_s"],
+            "postprocess_s": totals["postprocess_s"], "peak_rss_mb": out["peak_rss_mb"],
+            "thresholds": out["thresholds"], "versions": out.get("versions"), **mean}
+
+
+def stardist_big(model, slide, side):
+    """StarDist's predict_instances_big on the same mosaic file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-stardist-") as folder:
+        report = os.path.join(folder, "big.json")
+        _stardist("big", "--model", model, "--image", slide, "--out", report)
+        with open(report) as handle:
+            out = json.load(handle)
+    return {"side": side, "nuclei": out["n_nuclei"], "seconds": out["seconds"], "mp_per_s": out["mp_per_s"],
+            "peak_rss_mb": out["peak_rss_mb"], "read_s": out.get("read_s"), "block": out.get("block_effective")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
     parser.add_argument("--sizes", default="4096")
     parser.add_argument("--images", type=int, default=65)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--stardist", help="StarDist 2D model folder to run side by side (bench-only venv)")
     parser.add_argument("--mosaic-only", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--slide", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mosaic_only:
-        print(json.dumps(one_mosaic(args.run, args.mosaic_only)))
+        print(json.dumps(one_mosaic(args.run, args.mosaic_only, args.slide)))
         return
     result = {"run": os.path.abspath(args.run)}
     if args.images:
         result["dsb2018_stage1_test"] = dsb_test(args.run, args.images)
         print(result["dsb2018_stage1_test"], flush=True)
-    result["mosaics"] = []
+        if args.stardist:
+            result["stardist_dsb2018_stage1_test"] = stardist_dsb_test(args.stardist, args.images)
+            print(result["stardist_dsb2018_stage1_test"], flush=True)
+    result["mosaics"], result["stardist_mosaics"] = [], []
+    import tempfile
+
     for side in [int(s) for s in args.sizes.split(",") if s]:
-        out = subprocess.run([sys.executable, __file__, args.run, "--mosaic-only", str(side)],
-                             capture_output=True, text=True, check=True)
-        result["mosaics"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(result["mosaics"][-1], flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-slide-") as folder:
+            slide = os.path.join(folder, f"mosaic{side}.tif")
+            started = time.perf_counter()
+            write_mosaic_slide(slide, side)
+            written = time.perf_counter() - started
+            out = subprocess.run([sys.executable, __file__, args.run, "--mosaic-only", str(side), "--slide", slide],
+                                 capture_output=True, text=True, check=True)
+            result["mosaics"].append({**json.loads(out.stdout.strip().splitlines()[-1]), "slide_written_s": written})
+            print(result["mosaics"][-1], flush=True)
+            if args.stardist:
+                result["stardist_mosaics"].append(stardist_big(args.stardist, slide, side))
+                print(result["stardist_mosaics"][-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "predict.json"), "w") as handle:
         json.dump(result, handle, indent=2)
     lines = ["# Prediction engine: speed and memory", "",
-             f"Command: `python3 bench/bench_predict.py {args.run} --sizes {args.sizes} --images {args.images}`", ""]
+             f"Command: `python3 bench/bench_predict.py {args.run} --sizes {args.sizes} --images {args.images}"
+             + (f" --stardist {args.stardist}" if args.stardist else "") + "`", ""]
     if "dsb2018_stage1_test" in result:
         d = result["dsb2018_stage1_test"]
         lines += ["| set | images | MP/s end to end | network alone s | end to end s | in network s | "
@@ -232,7 +303,15 @@ def main(argv=None):
                   f"| DSB stage1_test | {d['images']} | {d['mp_per_s']:.2f} | {d['network_alone_s']:.1f} | "
                   f"{d['seconds']:.1f} | {d['network_s']:.1f} | {d['postprocess_s']:.1f} | "
                   f"{d['end_to_end_over_network']:.2f} | {d.get('aji', float('nan')):.3f} | "
-                  f"{d.get('pq', float('nan')):.3f} | {d.get('f1', float('nan')):.3f} |", ""]
+                  f"{d.get('pq', float('nan')):.3f} | {d.get('f1', float('nan')):.3f} |"]
+        if "stardist_dsb2018_stage1_test" in result:
+            sd = result["stardist_dsb2018_stage1_test"]
+            lines += [f"| StarDist 2D, same images | {sd['images']} | {sd['mp_per_s']:.2f} | - | {sd['seconds']:.1f} | "
+                      f"{sd['network_s']:.1f} | {sd['postprocess_s']:.1f} | - | {sd['aji']:.3f} | {sd['pq']:.3f} | "
+                      f"{sd['f1']:.3f} |", "",
+                      f"kerasnuc / StarDist megapixels per second on stage1_test: "
+                      f"**{d['mp_per_s'] / sd['mp_per_s']:.2f}x**, AJI {d['aji']:.3f} against {sd['aji']:.3f}."]
+        lines += [""]
     lines += ["H&E mosaics: pyramidal JPEG TIFF slides through `python -m kerasnuc.predict` (all four formats).", "",
               "| side | nuclei | MP/s end to end | end to end s | in network s | in post-processing s | "
               "end to end / in network | peak RSS MB |",
@@ -240,6 +319,13 @@ def main(argv=None):
     lines += [f"| {m['side']} | {m['nuclei']} | {m['mp_per_s']:.2f} | {m['seconds']:.1f} | {m['network_s']:.1f} | "
               f"{m['postprocess_s']:.1f} | {m['seconds'] / max(m['network_s'], 1e-9):.2f} | {m['peak_rss_mb']:.0f} |"
               for m in result["mosaics"]]
+    if result.get("stardist_mosaics"):
+        lines += ["", "StarDist 2D `predict_instances_big` on the same files (image read whole into memory first, "
+                  "as its examples do; block 4096, tiles of 1024):", "",
+                  "| side | nuclei | MP/s | seconds | peak RSS MB | kerasnuc / StarDist MP/s |", "|---|---|---|---|---|---|"]
+        for m, sd in zip(result["mosaics"], result["stardist_mosaics"]):
+            lines.append(f"| {sd['side']} | {sd['nuclei']} | {sd['mp_per_s']:.2f} | {sd['seconds']:.1f} | "
+                         f"{sd['peak_rss_mb']:.0f} | {m['mp_per_s'] / sd['mp_per_s']:.2f}x |")
     if len(result["mosaics"]) > 1:
         first, last = result["mosaics"][0], result["mosaics"][-1]
         lines += ["", f"Peak memory {first['side']} -> {last['side']}: "

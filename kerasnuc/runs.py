@@ -34,6 +34,7 @@ and :func:`measure_receptive_radius` import Keras when called.
 import datetime
 import json
 import os
+from dataclasses import dataclass
 
 
 FORMAT = "kerasnuc-export/1"
@@ -82,8 +83,67 @@ def read_json(path, default=_REQUIRED):
         if default is not _REQUIRED:
             return default
         raise RunError(f"{path}: not found")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path}: not valid JSON ({error})") from None
+
+
+@dataclass
+class Run:
+    path: str
+    config: dict
+    split: dict
+    thresholds: dict
+    stain: dict
+
+    @property
+    def task(self):  # noqa: D401
+        return self.config.get("task", "segmentation")
+
+
+def read_run(run_dir):
+    """Read and check a run folder: the one reader of run folders (evaluation, export, the
+    prediction engine). Errors name the missing or broken file.
+
+    A fold of a cross-validation run (``RUN/fold2``) works too: its config.json is the parent's.
+    """
+    path = os.path.abspath(os.fspath(run_dir)).rstrip(os.sep)
+    if path.endswith(".incomplete"):
+        raise RunError(f"{path}: this run did not finish (a '.incomplete' folder is never a run); "
+                              "train again or evaluate a finished run")
+    if not os.path.isdir(path):
+        if os.path.isdir(path + ".incomplete"):
+            raise RunError(f"{path}: run is incomplete ({path}.incomplete exists: training is still "
+                                  "running or crashed)")
+        raise RunError(f"{path}: run directory not found")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) and os.path.isfile(os.path.join(os.path.dirname(path), "config.json")) \
+            and os.path.basename(path).startswith("fold"):
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+    for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json"))):
+        if not os.path.isfile(file):
+            raise RunError(f"{path}: {name} missing; not a complete training.fit run folder")
+    config = read_json(config_path)
+    split = read_json(os.path.join(path, "split.json"))
+    if "folds" in split:
+        folds = ", ".join(f"{path}/fold{i + 1}" for i in range(len(split["folds"])))
+        raise RunError(f"{path}: a cross-validation run; evaluate or export one fold: {folds}")
+    if not os.path.isfile(os.path.join(path, "model.keras")):
+        raise RunError(f"{path}: model.keras missing; not a complete training.fit run folder")
+    thresholds_path = os.path.join(path, "thresholds.json")
+    thresholds = {}
+    if os.path.isfile(thresholds_path):
+        thresholds = read_json(thresholds_path)
+    elif config.get("task", "segmentation") in ("segmentation", "detection"):
+        raise RunError(f"{path}: thresholds.json missing (the tuned post-processing of a "
+                              f"{config.get('task', 'segmentation')} run)")
+    stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
+    stain = read_json(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
+    if config.get("stain") and not stain:
+        raise RunError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
+    return Run(path, config, split, thresholds, stain)
 
 
 def find_config(run_dir):
@@ -96,22 +156,9 @@ def find_config(run_dir):
 
 
 def load_run(run_dir):
-    """(config, thresholds, split) dicts of a run directory; checks that model.keras is there."""
-    run_dir = os.path.abspath(run_dir)
-    if not os.path.isdir(run_dir):
-        raise RunError(f"{run_dir}: run directory not found")
-    model_path = os.path.join(run_dir, "model.keras")
-    if not os.path.exists(model_path):
-        folds = sorted(d for d in os.listdir(run_dir) if d.startswith("fold")
-                       and os.path.exists(os.path.join(run_dir, d, "model.keras")))
-        hint = f"; this is a cross-validation run, export one fold: {run_dir}/{folds[0]}" if folds else ""
-        raise RunError(f"{run_dir}: no model.keras{hint}")
-    config = read_json(find_config(run_dir))
-    thresholds = read_json(os.path.join(run_dir, "thresholds.json"), default={})
-    split = read_json(os.path.join(run_dir, "split.json"), default={})
-    if "folds" in split and "train" not in split:
-        raise RunError(f"{run_dir}: split.json lists folds; export a fold folder (run/foldK)")
-    return config, thresholds, split
+    """(config, thresholds, split) dicts of a run directory, as :func:`read_run` checks it."""
+    run = read_run(run_dir)
+    return run.config, run.thresholds, run.split
 
 
 def load_model(run_dir):

@@ -195,7 +195,7 @@ def test_clear_errors(seg_run, tmp_path):
     _copy_run(seg_run, cv / "fold1", skip=("config.json",))
     shutil.copy(os.path.join(seg_run, "config.json"), cv / "config.json")
     json.dump({"folds": [split, split]}, open(cv / "split.json", "w"))
-    with pytest.raises(evaluate.EvaluationError, match="cross-validation run; evaluate one fold: .*fold1, .*fold2"):
+    with pytest.raises(evaluate.EvaluationError, match="cross-validation run; evaluate or export one fold: .*fold1, .*fold2"):
         evaluate.load_run(cv)
     assert evaluate.load_run(cv / "fold1").config["model"] == "unet"
     with pytest.raises(SystemExit, match="training.evaluate: .*run directory not found"):

@@ -105,6 +105,16 @@ class FitConfig:
             raise ValueError(f"tile {self.tile} must be divisible by 2**depth = {2 ** depth}")
         return self
 
+    @classmethod
+    def from_run(cls, run_dir):
+        """The FitConfig a run was trained with, read back from its config.json (keys a newer
+        kerasnuc added take their defaults; provenance keys are dropped)."""
+        from kerasnuc.runs import read_run
+
+        config = read_run(run_dir).config
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in known})
+
     def to_dict(self):
         return dataclasses.asdict(self)
 

@@ -36,69 +36,18 @@ class EvaluationError(Exception):
 
 # ---------------------------------------------------------------------------- the run folder
 
-@dataclass
-class RunInfo:
-    path: str
-    config: dict
-    split: dict
-    thresholds: dict
-    stain: dict
-
-    @property
-    def task(self):
-        return self.config.get("task", "segmentation")
-
-
-def _read_json(path, what):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{path}: {what} is not valid JSON ({error})") from None
-
-
 def load_run(run_dir):
-    """Read and check a run folder; errors name the missing or broken file.
-
-    A fold of a cross-validation run (``RUN/fold2``) works too: its config.json is the parent's.
-    """
-    path = os.path.abspath(os.fspath(run_dir)).rstrip(os.sep)
-    if path.endswith(".incomplete"):
-        raise EvaluationError(f"{path}: this run did not finish (a '.incomplete' folder is never a run); "
-                              "train again or evaluate a finished run")
-    if not os.path.isdir(path):
-        if os.path.isdir(path + ".incomplete"):
-            raise EvaluationError(f"{path}: run is incomplete ({path}.incomplete exists: training is still "
-                                  "running or crashed)")
-        raise EvaluationError(f"{path}: run directory not found")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path) and os.path.isfile(os.path.join(os.path.dirname(path), "config.json")) \
-            and os.path.basename(path).startswith("fold"):
-        config_path = os.path.join(os.path.dirname(path), "config.json")
-    for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json"))):
-        if not os.path.isfile(file):
-            raise EvaluationError(f"{path}: {name} missing; not a complete training.fit run folder")
+    """The run folder as :func:`kerasnuc.runs.read_run` reads and checks it (config with
+    FitConfig's defaults for keys an older run lacks); its errors as EvaluationError."""
+    from kerasnuc import runs
     from training.config import FitConfig
 
-    config = {**FitConfig().to_dict(), **_read_json(config_path, "config.json")}
-    split = _read_json(os.path.join(path, "split.json"), "split.json")
-    if "folds" in split:
-        folds = ", ".join(f"{path}/fold{i + 1}" for i in range(len(split["folds"])))
-        raise EvaluationError(f"{path}: a cross-validation run; evaluate one fold: {folds}")
-    if not os.path.isfile(os.path.join(path, "model.keras")):
-        raise EvaluationError(f"{path}: model.keras missing; not a complete training.fit run folder")
-    thresholds_path = os.path.join(path, "thresholds.json")
-    thresholds = {}
-    if os.path.isfile(thresholds_path):
-        thresholds = _read_json(thresholds_path, "thresholds.json")
-    elif config.get("task", "segmentation") in ("segmentation", "detection"):
-        raise EvaluationError(f"{path}: thresholds.json missing (the tuned post-processing of a "
-                              f"{config.get('task', 'segmentation')} run)")
-    stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
-    stain = _read_json(stain_path, "stain.json") if config.get("stain") and os.path.isfile(stain_path) else {}
-    if config.get("stain") and not stain:
-        raise EvaluationError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
-    return RunInfo(path, config, split, thresholds, stain)
+    try:
+        run = runs.read_run(run_dir)
+    except runs.RunError as error:
+        raise EvaluationError(str(error)) from None
+    run.config = {**FitConfig().to_dict(), **run.config}
+    return run
 
 
 def dataset_name(spec):
