@@ -312,7 +312,9 @@ class Predictor:
         local = instances(item.maps, self.meta.get("postprocess") or {})
         keep = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
                                touches=(top > 0, bottom < height, left > 0, right < width))
-        local = np.where(np.isin(local, keep), local, 0) if len(keep) else np.zeros_like(local)
+        kept = np.zeros(int(local.max(initial=0)) + 1, bool)
+        kept[keep] = True
+        local = np.where(kept[local], local, 0)
         table, rings = measure(local, item.crop, variance=item.variance, offset=(top, left), outlines=True)
         remap = np.zeros(int(local.max(initial=0)) + 1, np.uint32)
         remap[table["label"]] = np.arange(first_id, first_id + len(table["label"]), dtype=np.uint32)
@@ -459,13 +461,13 @@ def block_grid(height, width, block, multiple=1):
 def responsible_ids(labels, core, touches):
     """Ids of ``labels`` (a block with context) that this block decides: centroid inside the
     core, and not touching a context border that is inside the image (it may be cut there)."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if len(ids) == 0:
-        return ids
     rows, cols = np.nonzero(labels)
     values = labels[rows, cols]
-    count = np.bincount(values, minlength=ids.max() + 1)
+    if len(values) == 0:
+        return np.zeros(0, np.int64)
+    count = np.bincount(values)
+    ids = np.nonzero(count)[0]
+    ids = ids[ids > 0]
     cy = np.bincount(values, rows, minlength=ids.max() + 1)[ids] / count[ids]
     cx = np.bincount(values, cols, minlength=ids.max() + 1)[ids] / count[ids]
     r0, r1, c0, c1 = core

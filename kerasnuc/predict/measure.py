@@ -112,7 +112,8 @@ def _hulls_and_outlines(labels, ids, boxes, area, outlines, tolerance):
     for k, index in enumerate(ids):
         box = boxes[index - 1]
         r, c = box[0].start, box[1].start
-        mask = np.pad((labels[box] == index).astype(np.uint8), 1)
+        mask = np.zeros((box[0].stop - r + 2, box[1].stop - c + 2), np.uint8)
+        mask[1:-1, 1:-1] = labels[box] == index
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         if not contours:
             continue

@@ -68,7 +68,8 @@ def polygons(labels, table_ids, tolerance=1.0):
     for index, box in enumerate(slices, 1):
         if box is None or index not in wanted:
             continue
-        mask = np.pad((labels[box] == index).astype(np.uint8), 1)
+        mask = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), np.uint8)
+        mask[1:-1, 1:-1] = labels[box] == index
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         if contours:
             rings[index] = outline(contours, (box[0].start - 1, box[1].start - 1), tolerance)
