@@ -44,35 +44,21 @@ def timed_predictor(run, block=2048):
 
     predictor = kerasnuc.load(run, block=block)
     timing = {"network": 0.0, "postprocess": 0.0, "post_stage": 0.0}
-    run_batch = predictor.runtime.run
-
-    def run_timed(batch):
-        started = time.perf_counter()
-        out = run_batch(batch)
-        timing["network"] += time.perf_counter() - started
-        return out
-
-    predictor.runtime.run = run_timed
-    instances = engine.instances
-
-    def instances_timed(maps, params):
-        started = time.perf_counter()
-        out = instances(maps, params)
-        timing["postprocess"] += time.perf_counter() - started
-        return out
-
-    engine.instances = instances_timed
-    post_stage = engine.Predictor._post_stage
-
-    def post_stage_timed(self, item, first_id):
-        started = time.perf_counter()
-        out = post_stage(self, item, first_id)
-        timing["post_stage"] += time.perf_counter() - started
-        return out
-
-    engine.Predictor._post_stage = post_stage_timed
-    timing["post_stage"] = 0.0
+    predictor.runtime.run = timed(predictor.runtime.run, timing, "network")
+    engine.instances = timed(engine.instances, timing, "postprocess")
+    engine.Predictor._post_stage = timed(engine.Predictor._post_stage, timing, "post_stage")
     return predictor, timing
+
+
+def timed(function, timing, key):
+    """``function`` adding its seconds to ``timing[key]``."""
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            timing[key] += time.perf_counter() - started
+    return wrapper
 
 
 def dsb_test(run, limit):
@@ -169,15 +155,7 @@ def one_mosaic(run, side, slide):
             begun = time.perf_counter()
             predictor = load(*args, **kwargs)
             timing["load"] = time.perf_counter() - begun
-            run_batch = predictor.runtime.run
-
-            def run_timed(batch):
-                begun = time.perf_counter()
-                out = run_batch(batch)
-                timing["network"] += time.perf_counter() - begun
-                return out
-
-            predictor.runtime.run = run_timed
+            predictor.runtime.run = timed(predictor.runtime.run, timing, "network")
             return predictor
 
         cli.load = load_timed

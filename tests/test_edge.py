@@ -21,41 +21,26 @@ from kerasnuc.runs import write_run  # noqa: E402
 from kerasnuc import models  # noqa: E402
 from kerasnuc.predict.runtimes import predict_maps  # noqa: E402
 from kerasnuc.predict.litert import LiteModel  # noqa: E402
+from import_blocker import FRAMEWORKS, LEAK_CHECK, PREAMBLE, environment  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 QUIET = {"log": lambda message: None}
 
-RUNNER = r'''
-import sys
-
-BLOCKED = set(sys.argv[1].split(","))
-
-
-class BlockImports:
-    """Make importing any of BLOCKED fail, as on a device where they are not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"No module named '{name}' (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, BlockImports())
+RUNNER = PREAMBLE + r'''
 import json
 
 from serving import edge
 
-for argv in json.loads(sys.argv[2]):
+for argv in json.loads(sys.argv[1]):
     edge.main(argv)
-leaked = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
-assert not leaked, f"imported {leaked}"
+''' + LEAK_CHECK + '''
 print("NO-BLOCKED-IMPORTS")
 '''
 
 
-def run_edge(commands, blocked=("tensorflow", "keras", "jax", "tf_keras")):
-    result = subprocess.run([sys.executable, "-c", RUNNER, ",".join(blocked), json.dumps(commands)],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+def run_edge(commands, blocked=FRAMEWORKS):
+    result = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(commands)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=environment(blocked))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "NO-BLOCKED-IMPORTS" in result.stdout
     return result
@@ -157,7 +142,7 @@ def test_fallback_without_scipy_and_skimage(lite_models, tmp_path):
     out = str(tmp_path / "fallback")
     result = run_edge([[lite_models["seg"], "segment", lite_models["images"][0], "--out", out],
                        [lite_models["det"], "detect", lite_models["images"][0], "--out", out]],
-                      blocked=("tensorflow", "keras", "jax", "scipy", "skimage"))
+                      blocked=FRAMEWORKS + ("scipy", "skimage"))
     assert "falling back to OpenCV" in result.stderr
     assert os.path.exists(os.path.join(out, "small_labels.png"))
     assert os.path.exists(os.path.join(out, "small_centroids.csv"))

@@ -20,6 +20,7 @@ from kerasnuc import metrics  # noqa: E402
 from kerasnuc.data.imageio import read_image  # noqa: E402
 from kerasnuc.predict import Predictor  # noqa: E402
 from kerasnuc.predict import __main__ as cli  # noqa: E402
+from import_blocker import LEAK_CHECK, PREAMBLE, environment  # noqa: E402
 from training import fit  # noqa: E402
 from training.config import resolve  # noqa: E402
 
@@ -129,20 +130,7 @@ def test_cli_writes_every_format_and_qupath_geojson(trained_run, dsb_test_images
     assert os.path.getmtime(out / f"{stem}.geojson") == before  # finished outputs are skipped
 
 
-RUNNER = r'''
-import sys
-
-BLOCKED = {"tensorflow", "keras", "jax", "tf_keras"}
-
-
-class BlockImports:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"No module named '{name}' (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, BlockImports())
+RUNNER = PREAMBLE + r'''
 import numpy as np
 
 import kerasnuc
@@ -150,8 +138,7 @@ from kerasnuc.data.imageio import read_image
 
 labels, table = kerasnuc.load(sys.argv[1]).predict_instances(read_image(sys.argv[2]))
 np.save(sys.argv[3], labels)
-leaked = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
-assert not leaked, f"imported {leaked}"
+''' + LEAK_CHECK + '''
 print("NO-BLOCKED-IMPORTS", len(table["id"]))
 '''
 
@@ -164,7 +151,7 @@ def test_litert_runtime_without_tensorflow_gives_the_keras_instances(trained_run
                                    evaluate_model=False, log=lambda m: None)
     image_path = dsb_test_images[1][0]
     result = subprocess.run([sys.executable, "-c", RUNNER, path, image_path, str(tmp_path / "lite.npy")],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=environment())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "NO-BLOCKED-IMPORTS" in result.stdout
     lite = np.load(tmp_path / "lite.npy")
