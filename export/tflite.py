@@ -286,11 +286,22 @@ def check_stochastic(lite, meta):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _keras_maps(model, image, meta, samples):
-    from kerasnuc.predict.runtimes import predict_maps
+def _keras_engine(model, meta):
+    """The prediction engine over the Keras model: the export is checked against exactly what
+    ``kerasnuc.predict`` would give from the run."""
+    from kerasnuc.predict.engine import Predictor
+    from kerasnuc.predict.runtimes import KerasRuntime
 
-    maps = [predict_maps(model, image, meta["channels"], meta["multiple"]) for _ in range(samples)]
-    return np.mean(maps, axis=0).astype(np.float32)
+    return Predictor(KerasRuntime(model=model, meta=meta))
+
+
+def _classified(engine, records, samples):
+    """(N, classes) probabilities at every nucleus of the records (nucleus_points), by the engine."""
+    from kerasnuc.runs import nucleus_points
+
+    out = [engine.classify(record.image, points, samples=samples)
+           for record, (points, _) in ((r, nucleus_points(r)) for r in records) if len(points)]
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
 def _truth_points(record):
@@ -322,10 +333,11 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
     rows, latencies = [], []
     task = meta["task"]
     if task == "classification":
+        from kerasnuc.predict.engine import Predictor
+
         patches, truth = nucleus_patches(records, meta)
-        keras_prob = np.mean([model.predict(patches, verbose=0) for _ in range(samples)], axis=0)
-        lite_prob = np.concatenate([np.mean([lite.run(patches[i:i + 64]) for _ in range(samples)], axis=0)
-                                    for i in range(0, len(patches), 64)])
+        keras_prob = _classified(_keras_engine(model, meta), records, samples)
+        lite_prob = _classified(Predictor(lite), records, samples)
         lite.run(patches[:1])
         for _ in range(repeats):
             started = time.perf_counter()
@@ -348,8 +360,9 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
         return {"split": split, "images": len(records), "mc_samples": samples, "summary": summary,
                 "per_image": []}
 
+    keras_engine = _keras_engine(model, meta)
     for record in records:
-        keras_map = _keras_maps(model, record.image, meta, samples)
+        keras_map, _ = keras_engine.predict_maps(record.image, tile=0, samples=samples)
         # a static model runs whole images in its fixed tiles (lite.run tiles them too), so
         # its maps and latency are the tiled ones
         lite_map, _ = lite.predict_maps(record.image, tile=0, samples=samples)

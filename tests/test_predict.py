@@ -86,6 +86,20 @@ def test_block_wise_equals_whole_image_on_real_images(trained_run, dsb_test_imag
             assert ndi.label(b == index, structure=np.ones((3, 3)))[1] == 1
 
 
+def test_tta_averages_the_dihedral_views_mapped_back(trained_run, dsb_test_images):
+    from kerasnuc.predict.tiling import dihedral_transform, inverse_dihedral
+
+    predictor = kerasnuc.load(trained_run)
+    image = read_image(dsb_test_images[1][0])[:200, :300]
+    views = [inverse_dihedral(predictor.predict_maps(np.ascontiguousarray(dihedral_transform(image, k)))[0], k)
+             for k in range(8)]
+    averaged, _ = predictor.predict_maps(image, tta=8)
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-5)
+    assert np.abs(views[1] - views[0]).max() > 1e-3  # the views differ: the average is not a no-op
+    out = predictor.predict_passes(image, tta=[0, 4], keep_views=True)
+    assert len(out["views"]) == 2 and out["views"][0].shape == averaged.shape
+
+
 def test_normalisation_equals_the_graph_copy():
     tf = pytest.importorskip("tensorflow")
     from export.saved_model import normalize as normalize_tf

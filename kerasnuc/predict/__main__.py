@@ -112,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="predict every block of a slide (default: skip glass found on the thumbnail)")
     parser.add_argument("--block", type=int, default=2048, help="block side for large images (default 2048)")
+    parser.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="1..8",
+                        help="test-time augmentation: average this many dihedral views (default 1: none)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist")
     args = parser.parse_args(argv)
 
@@ -123,7 +125,8 @@ def main(argv=None):
     from kerasnuc.predict.sources import open_view
 
     try:
-        predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block)
+        predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block,
+                         tta=args.tta)
     except (OSError, ValueError) as error:
         sys.exit(f"kerasnuc.predict: {error}")
     model_mpp = predictor.meta.get("mpp")
