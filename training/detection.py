@@ -19,7 +19,6 @@ import numpy as np
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import DetectionDataset, record_points
-from kerasnuc.predict.runtimes import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import centroids_from_density
 from training import plots
@@ -90,13 +89,11 @@ def train(config, run, train_records, val_records, loss, log):
 def predict_densities(model, records, config, depth):
     """Predicted density map (H, W) per whole image (padded to the model multiple, cropped
     back); Monte-Carlo models average ``mc_samples`` passes."""
+    from training.segmentation import held_out_engine
+
+    engine = held_out_engine(model, config, 2 ** depth)
     passes = config.mc_samples if models.is_stochastic(model) else 1
-    maps = []
-    for record in records:
-        samples = [predict_maps(model, record.image, config.channels, 2 ** depth)[..., 0]
-                   for _ in range(passes)]
-        maps.append(np.mean(samples, axis=0))
-    return maps
+    return [engine.predict_maps(record.image, tile=0, samples=passes)[0][..., 0] for record in records]
 
 
 def peak_params(params):

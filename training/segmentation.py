@@ -10,7 +10,6 @@ import numpy as np
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import SegmentationDataset
-from kerasnuc.predict.runtimes import predict_maps
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import instances_from_probability
 from training import plots
@@ -48,13 +47,17 @@ def train(config, run, train_records, val_records, log):
 
 def predict_probabilities(model, records, config, depth):
     """Foreground probability (H, W) per image; MC models average ``mc_samples`` passes."""
+    engine = held_out_engine(model, config, 2 ** depth)
     passes = config.mc_samples if models.is_stochastic(model) else 1
-    maps = []
-    for record in records:
-        samples = [predict_maps(model, record.image, config.channels, 2 ** depth)[..., 0]
-                   for _ in range(passes)]
-        maps.append(np.mean(samples, axis=0))
-    return maps
+    return [engine.predict_maps(record.image, tile=0, samples=passes)[0][..., 0] for record in records]
+
+
+def held_out_engine(model, config, multiple):
+    """The prediction engine over the model being trained (whole images, untiled)."""
+    from kerasnuc.predict.engine import Predictor
+    from kerasnuc.predict.runtimes import KerasRuntime
+
+    return Predictor(KerasRuntime(model=model, meta={"channels": config.channels, "multiple": multiple}))
 
 
 def tune_postprocess(probabilities, records, defaults, log):
@@ -68,22 +71,6 @@ def tune_postprocess(probabilities, records, defaults, log):
             best, best_score = params, float(score)
     log(f"post-processing tuned on {len(records)} validation images: {best} (AJI {best_score:.3f})")
     return best, best_score
-
-
-def evaluate(probabilities, records, params):
-    """Per-image and mean metrics of the instances against the truth."""
-    per_image, instances = [], []
-    for probability, record in zip(probabilities, records):
-        predicted = instances_from_probability(probability, **params)
-        instances.append(predicted)
-        report = metrics.segmentation_report(record.labels, predicted)
-        per_image.append({"name": record.name, **report})
-    keys = [k for k, v in per_image[0].items() if isinstance(v, (int, float)) and k != "name"]
-    summary = {k: float(np.mean([row[k] for row in per_image])) for k in keys}
-    pooled_true = np.concatenate([r.labels.ravel() > 0 for r in records])
-    pooled_pred = np.concatenate([p.ravel() >= params["threshold"] for p in probabilities])
-    summary["dice_pooled"] = float(metrics.pixel_dice(pooled_true, pooled_pred))
-    return summary, per_image, instances
 
 
 def run_task(config, run, records, split, log):
@@ -107,10 +94,19 @@ def run_task(config, run, records, split, log):
     run.write_json("thresholds.json", {"postprocess": params, "validation_aji": val_score,
                                        "tuned_on": "val" if val_score is not None else None})
 
-    test_probabilities = predict_probabilities(model, test_records, config, depth)
-    summary, per_image, instances = evaluate(test_probabilities, test_records, params)
+    # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
+    from training import evaluate as scorer
+
+    settings = scorer.Settings(channels=config.channels, multiple=2 ** depth,
+                               mc_samples=config.mc_samples if models.is_stochastic(model) else 1)
+    engine = scorer.engine_for(model, settings)
+    result, artifacts = scorer.evaluate_segmentation(
+        test_records, lambda record: scorer.predict_record(model, record, settings, engine), params, settings,
+        log=lambda message: None)
+    summary, per_image, instances = dict(result["mean"]), result["per_image"], artifacts["instances"]
+    summary["dice_pooled"] = float(result["pooled"]["dice"])
     run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), "mean": summary, "per_image": per_image,
+        "split": "test", "images": len(test_records), **result, "mean": summary,
         "postprocess": params, "epochs": len(history.get("loss", [])),
         "train_seconds": round(train_seconds, 1),
         "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
