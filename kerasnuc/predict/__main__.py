@@ -158,7 +158,7 @@ def main(argv=None):
     with Progress(transient=True) as progress:
         files = progress.add_task("images", total=len(todo))
         blocks = progress.add_task("blocks", total=None)
-        for result in predictor.stream(views, skip_glass=not args.no_tissue_mask):
+        for result in predictor.stream(views, skip_glass=not args.no_tissue_mask, outlines="geojson" in formats):
             index = result.index
             if index in broken:
                 continue

@@ -242,14 +242,15 @@ class Predictor:
                                                                  self.stochastic)
         return labels, table
 
-    def stream(self, views, tile=None, margin=None, samples=None, skip_glass=True, depth=2):
+    def stream(self, views, tile=None, margin=None, samples=None, skip_glass=True, depth=2, outlines=False):
         """:class:`BlockResult` for every block of every view, in order.
 
         ``views``: views, arrays, or callables that open one (so files open as they are
         reached, and one that fails gives a result with ``error`` set while the others go on).
         The network runs ``depth`` blocks ahead in a background thread while this thread
         post-processes and measures, so both cores stay busy. Blocks of a slide without tissue
-        in its thumbnail are skipped. Ids are global within a view.
+        in its thumbnail are skipped. Ids are global within a view. ``outlines``: also each
+        nucleus's polygon (``result.rings``, for GeoJSON).
         """
         if self.task != "segmentation":
             raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
@@ -261,7 +262,7 @@ class Predictor:
                 continue
             first = next_id.get(item.index, 1)
             try:
-                item = self._post_stage(item, first)
+                item = self._post_stage(item, first, outlines)
             except Exception as error:  # reported for this view; the others go on
                 item.error = error
                 yield item
@@ -302,7 +303,7 @@ class Predictor:
                     break
                 yield result
 
-    def _post_stage(self, item, first_id):
+    def _post_stage(self, item, first_id, outlines=False):
         """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``."""
         from kerasnuc.predict.measure import measure
 
@@ -315,7 +316,8 @@ class Predictor:
         kept = np.zeros(int(local.max(initial=0)) + 1, bool)
         kept[keep] = True
         local = np.where(kept[local], local, 0)
-        table, rings = measure(local, item.crop, variance=item.variance, offset=(top, left), outlines=True)
+        measured = measure(local, item.crop, variance=item.variance, offset=(top, left), outlines=outlines)
+        table, rings = measured if outlines else (measured, {})
         remap = np.zeros(int(local.max(initial=0)) + 1, np.uint32)
         remap[table["label"]] = np.arange(first_id, first_id + len(table["label"]), dtype=np.uint32)
         table["id"] = remap[table["label"]]
@@ -326,7 +328,7 @@ class Predictor:
             _add_classes(table, self.classifier, item.crop, (top, left), self._ranges[key])
         del table["label"]
         item.labels = remap[local]
-        item.rings = {int(remap[label]): ring for label, ring in rings.items()}
+        item.rings = {int(remap[label]): ring for label, ring in rings.items()} if outlines else None
         item.table = _to_level0(_id_first(table), item.view.downsample)
         item.maps = item.variance = None
         return item
