@@ -272,7 +272,9 @@ def main(argv=None):
         json.dump(result, handle, indent=2)
     lines = ["# Prediction engine: speed and memory", "",
              f"Command: `python3 bench/bench_predict.py {args.run} --sizes {args.sizes} --images {args.images}"
-             + (f" --stardist {args.stardist}" if args.stardist else "") + "`", ""]
+             + (f" --stardist {args.stardist}" if args.stardist else "")
+             + (f" --out {os.path.relpath(args.out, ROOT)}" if os.path.abspath(args.out) != os.path.join(ROOT, "bench", "results") else "")
+             + "`", ""]
     if "dsb2018_stage1_test" in result:
         d = result["dsb2018_stage1_test"]
         lines += ["| set | images | MP/s end to end | network alone s | end to end s | in network s | "
