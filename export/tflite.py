@@ -208,8 +208,9 @@ def int8_error(content, model, meta, samples):
             handle.write(content)
         lite = LiteModel(path, meta)
         outputs = np.concatenate([lite.run(sample) for sample in samples])
-    reference = model.predict(np.concatenate(samples), batch_size=8, verbose=0)
-    return float(np.mean(np.abs(outputs - np.asarray(reference, np.float32))))
+    keras_runtime = _keras_engine(model, meta).runtime  # both sides through the engine's runtimes
+    reference = np.concatenate([keras_runtime.run(sample) for sample in samples])
+    return float(np.mean(np.abs(outputs - reference)))
 
 
 def nucleus_patches(records, meta):

@@ -116,9 +116,8 @@ class _Streamed:
         self.tmp = f"{root}.tmp{os.getpid()}{ext}"
 
     def abort(self):
-        for name in (self.tmp,):
-            if os.path.exists(name):
-                os.remove(name)
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
     def _finish(self):
         os.replace(self.tmp, self.path)
