@@ -30,6 +30,7 @@ import numpy as np
 
 from kerasnuc.data.imageio import DataError, read_image
 from kerasnuc.data.types import NucleiImage
+from kerasnuc.data.validation import read_or_skip
 
 CLASS_NAMES = ("epithelial", "inflammatory", "fibroblast", "others")
 IMAGE_EXTENSIONS = (".bmp", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -134,23 +135,32 @@ def _class_files(folder, name):
     return paths
 
 
-def read(path, channels="keep", require_classes=False):
+def read(path, channels="keep", require_classes=False, policy=None, skipped=None):
     """Read CRCHistoPhenotypes into NucleiImage records with points (no labels).
 
     ``require_classes``: raise DataError for an image without classification files.
+    ``policy``: the :class:`~kerasnuc.data.validation.InputPolicy` for the images; with a
+    ``skipped`` list, a bad image is noted there and left out instead.
     """
     records = []
-    for name, (image_path, detection_path, class_paths) in find_files(path).items():
-        image = read_image(image_path, channels=channels)
-        points = read_points_mat(detection_path) - 1.0
-        extra = {"detection_path": detection_path}
-        classes = None
-        if class_paths is not None:
-            chunks = [read_points_mat(class_paths[c]) - 1.0 for c in CLASS_NAMES]
-            extra["class_points"] = np.concatenate(chunks, axis=0)
-            classes = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, c in enumerate(chunks)])
-        elif require_classes:
-            raise DataError(f"{image_path}: no classification files {name}_{{{','.join(CLASS_NAMES)}}}.mat")
-        records.append(NucleiImage(name=name, image=image, points=points, classes=classes,
-                                   class_names=CLASS_NAMES if classes is not None else (), source=image_path, extra=extra))
+    for name, files in find_files(path).items():
+        record = read_or_skip(skipped, name, files[0],
+                              lambda: _read_one(name, *files, channels, require_classes, policy))
+        if record is not None:
+            records.append(record)
     return records
+
+
+def _read_one(name, image_path, detection_path, class_paths, channels, require_classes, policy):
+    image = read_image(image_path, channels=channels, policy=policy)
+    points = read_points_mat(detection_path) - 1.0
+    extra = {"detection_path": detection_path}
+    classes = None
+    if class_paths is not None:
+        chunks = [read_points_mat(class_paths[c]) - 1.0 for c in CLASS_NAMES]
+        extra["class_points"] = np.concatenate(chunks, axis=0)
+        classes = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, c in enumerate(chunks)])
+    elif require_classes:
+        raise DataError(f"{image_path}: no classification files {name}_{{{','.join(CLASS_NAMES)}}}.mat")
+    return NucleiImage(name=name, image=image, points=points, classes=classes,
+                       class_names=CLASS_NAMES if classes is not None else (), source=image_path, extra=extra)

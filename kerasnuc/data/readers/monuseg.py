@@ -26,6 +26,7 @@ import numpy as np
 
 from kerasnuc.data.imageio import DataError, read_image, read_label_image
 from kerasnuc.data.types import NucleiImage
+from kerasnuc.data.validation import read_or_skip, warn
 
 try:  # defusedxml guards against entity-expansion attacks when it is installed
     from defusedxml import ElementTree as _ET  # type: ignore
@@ -56,42 +57,90 @@ def _parse_xml(path):
         raise DataError(f"{path}: refused XML ({type(error).__name__}: {error})") from None
 
 
-def read_aperio_regions(path):
+MIN_VERTICES = 3
+MAX_COORDINATE = 2.0 ** 24
+"""Vertex coordinates beyond this many pixels (about 16.8 million; larger than any slide) are absurd."""
+_SKIP_REASONS = (("vertices", f"with fewer than {MIN_VERTICES} vertices"),
+                 ("coordinates", "with non-finite or absurd coordinates"),
+                 ("outside", "outside the image"))
+
+
+def read_aperio_regions(path, shape=None):
     """The polygons of an Aperio XML file (``.xml`` or ``.xml.gz``) in document order.
 
-    Returns a list of (V, 2) float64 arrays of (x, y) vertices, one per ``Region``
-    (V may be 0 for an empty region).
+    Returns a list of (V, 2) float64 arrays of (x, y) vertices, one per ``Region``. Regions
+    that cannot be drawn (fewer than 3 vertices; non-finite coordinates or beyond
+    ``MAX_COORDINATE``; with ``shape`` (H, W), wholly outside the image) come back empty
+    (V = 0, so the others keep their ids) and are summarised in one
+    :class:`~kerasnuc.data.validation.DataWarning` naming the file and the regions' ids.
+    DataError if a vertex lacks X or Y or is not a number, or if none of the regions can be drawn.
     """
     path = os.fspath(path)
     root = _parse_xml(path)
     if root.tag != "Annotations":
         raise DataError(f"{path}: not an Aperio annotation file (root element <{root.tag}>, "
                         f"expected <Annotations>)")
-    regions = []
+    regions, skipped = [], {key: [] for key, _ in _SKIP_REASONS}
     for number, region in enumerate(root.iter("Region"), start=1):
-        texts = [(vertex.get("X"), vertex.get("Y")) for vertex in region.iter("Vertex")]
-        try:  # fast path: numpy parses the strings
-            points = np.array(texts, dtype=np.float64).reshape(-1, 2)
-        except (TypeError, ValueError):
-            points = None
-        if points is not None and np.isfinite(points).all():
-            regions.append(points)
-            continue
-        vertices = []  # slow path, to say what is wrong
-        for vertex in region.iter("Vertex"):
+        points = _region_points(path, number, region)
+        problem = _region_problem(points, shape)
+        if problem:
+            skipped[problem].append(region.get("Id") or str(number))
+            points = np.zeros((0, 2), dtype=np.float64)
+        regions.append(points)
+    _report_skipped(path, len(regions), skipped)
+    return regions
+
+
+def _region_points(path, number, region):
+    """(V, 2) float64 vertices of one Region; DataError naming it for a missing or non-numeric X/Y."""
+    texts = [(vertex.get("X"), vertex.get("Y")) for vertex in region.iter("Vertex")]
+    try:  # fast path: numpy parses the strings (a missing attribute becomes NaN)
+        points = np.array(texts, dtype=np.float64).reshape(-1, 2)
+        if np.isfinite(points).all():
+            return points
+    except (TypeError, ValueError):
+        points = None
+    for vertex in region.iter("Vertex"):  # slow path, to say what is wrong
+        for axis in ("X", "Y"):
+            if vertex.get(axis) is None:
+                raise DataError(f"{path}: region {number} (Id={region.get('Id')}) has a Vertex without {axis}")
             try:
-                vertices.append((float(vertex.attrib["X"]), float(vertex.attrib["Y"])))
-            except KeyError as missing:
-                raise DataError(f"{path}: region {number} (Id={region.get('Id')}) has a Vertex without "
-                                f"{missing.args[0]}") from None
+                float(vertex.get(axis))
             except ValueError:
                 raise DataError(f"{path}: region {number} (Id={region.get('Id')}) has a non-numeric Vertex "
                                 f"X={vertex.get('X')!r} Y={vertex.get('Y')!r}") from None
-        points = np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
-        if not np.isfinite(points).all():
-            raise DataError(f"{path}: region {number} (Id={region.get('Id')}) has non-finite vertices")
-        regions.append(points)
-    return regions
+    if points is None:
+        raise DataError(f"{path}: region {number} (Id={region.get('Id')}) has unreadable vertices")
+    return points  # 'nan' or 'inf' written out: the caller skips the region
+
+
+def _region_problem(points, shape):
+    """Why a polygon cannot be drawn ('vertices', 'coordinates', 'outside') or None."""
+    if len(points) < MIN_VERTICES:
+        return "vertices"
+    if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
+        return "coordinates"
+    if shape is not None:
+        height, width = shape[:2]
+        x, y = points[:, 0], points[:, 1]
+        if x.max() < 0 or y.max() < 0 or x.min() > width - 1 or y.min() > height - 1:
+            return "outside"
+    return None
+
+
+def _report_skipped(path, total, skipped):
+    """One warning per file: 'f.xml: skipped 3 regions (2 with fewer than 3 vertices: ids 5, 9; ...)'."""
+    count = sum(len(ids) for ids in skipped.values())
+    if not count:
+        return
+    parts = [f"{len(skipped[key])} {what}: id{'s' if len(skipped[key]) > 1 else ''} "
+             f"{', '.join(skipped[key][:10])}{', ...' if len(skipped[key]) > 10 else ''}"
+             for key, what in _SKIP_REASONS if skipped[key]]
+    summary = f"skipped {count} region{'s' if count > 1 else ''} ({'; '.join(parts)})"
+    if count == total:
+        raise DataError(f"{path}: none of its {total} regions can be drawn: {summary}")
+    warn(f"{path}: {summary}")
 
 
 def rasterise_regions(regions, shape):
@@ -111,7 +160,7 @@ def read_aperio_xml(path, shape, return_count=False):
 
     With ``return_count=True`` returns ``(labels, number of regions)``.
     """
-    regions = read_aperio_regions(path)
+    regions = read_aperio_regions(path, shape)
     labels = rasterise_regions(regions, shape)
     return (labels, len(regions)) if return_count else labels
 
@@ -182,7 +231,8 @@ def find_files(path):
     return {stem: (images[stem], labels.get(stem), xmls.get(stem)) for stem in sorted(images)}
 
 
-def read(path, channels="keep", require_labels=True, prefer="labels", count_regions=True):
+def read(path, channels="keep", require_labels=True, prefer="labels", count_regions=True, policy=None,
+         skipped=None):
     """Read a MoNuSeg folder into NucleiImage records in sorted name order.
 
     Args:
@@ -190,27 +240,36 @@ def read(path, channels="keep", require_labels=True, prefer="labels", count_regi
             "xml" (always rasterise the XML when there is one).
         count_regions: parse XML files that are not rasterised to count their regions.
         require_labels: raise DataError for an image with neither labels nor XML.
+        policy: the :class:`~kerasnuc.data.validation.InputPolicy` for every image and label.
+        skipped: a list: bad images, labels or annotations are noted there and left out.
     """
     if prefer not in ("labels", "xml"):
         raise ValueError(f"prefer must be 'labels' or 'xml', got {prefer!r}")
     records = []
-    for stem, (image_path, label_path, xml_path) in find_files(path).items():
-        image = read_image(image_path, channels=channels)
-        extra = {}
-        labels = None
-        if label_path is not None and (prefer == "labels" or xml_path is None):
-            labels = read_label_image(label_path)
-            if labels.shape != image.shape[:2]:
-                raise DataError(f"{label_path}: label size {labels.shape} differs from image size "
-                                f"{image.shape[:2]} of {image_path}")
-            extra["label_path"] = label_path
-        if xml_path is not None:
-            extra["xml_path"] = xml_path
-            if labels is None:
-                labels, extra["xml_regions"] = read_aperio_xml(xml_path, image.shape[:2], return_count=True)
-            elif count_regions:
-                extra["xml_regions"] = count_aperio_regions(xml_path)
-        if labels is None and require_labels:
-            raise DataError(f"{image_path}: no label image or XML annotation for '{stem}'")
-        records.append(NucleiImage(name=stem, image=image, labels=labels, source=image_path, extra=extra))
+    for stem, files in find_files(path).items():
+        record = read_or_skip(skipped, stem, files[0], lambda: _read_one(
+            stem, *files, channels, require_labels, prefer, count_regions, policy))
+        if record is not None:
+            records.append(record)
     return records
+
+
+def _read_one(stem, image_path, label_path, xml_path, channels, require_labels, prefer, count_regions, policy):
+    image = read_image(image_path, channels=channels, policy=policy)
+    extra = {}
+    labels = None
+    if label_path is not None and (prefer == "labels" or xml_path is None):
+        labels = read_label_image(label_path, policy=policy)
+        if labels.shape != image.shape[:2]:
+            raise DataError(f"{label_path}: label size {labels.shape} differs from image size "
+                            f"{image.shape[:2]} of {image_path}")
+        extra["label_path"] = label_path
+    if xml_path is not None:
+        extra["xml_path"] = xml_path
+        if labels is None:
+            labels, extra["xml_regions"] = read_aperio_xml(xml_path, image.shape[:2], return_count=True)
+        elif count_regions:
+            extra["xml_regions"] = count_aperio_regions(xml_path)
+    if labels is None and require_labels:
+        raise DataError(f"{image_path}: no label image or XML annotation for '{stem}'")
+    return NucleiImage(name=stem, image=image, labels=labels, source=image_path, extra=extra)

@@ -187,9 +187,11 @@ def iter_read(path, channels="keep", allow_pickle=False, indices=None):
                        "fold": fold, "index": index})
 
 
-def read(path, channels="keep", allow_pickle=False, indices=None):
+def read(path, channels="keep", allow_pickle=False, indices=None, policy=None, skipped=None):
     """Read every PanNuke fold under ``path`` (or only ``indices`` of each fold) as a list.
 
     ``channels``: "keep", 1 or 3 as in :func:`~kerasnuc.data.imageio.read_image`.
+    ``policy``/``skipped`` are accepted like every reader's but do not apply: PanNuke's
+    arrays are 8-bit 256 x 256 patches in one file, not image files one by one.
     """
     return list(iter_read(path, channels=channels, allow_pickle=allow_pickle, indices=indices))

@@ -103,19 +103,23 @@ def _find_image(image_dir, image_id):
     return None
 
 
-def _image_shape(path):
-    from kerasnuc.data.imageio import read_image
+def _image_shape(path, policy=None):
+    from kerasnuc.data.imageio import image_shape
 
-    return read_image(path).shape[:2]
+    return image_shape(path, policy)
 
 
-def read_rle_csv(path, image_dir=None):
+def read_rle_csv(path, image_dir=None, policy=None):
     """Read a Kaggle RLE CSV into ``{image id: (H, W) int32 labels}`` (ids sorted).
 
     Shapes come from ``Height``/``Width`` columns or, without them, from the image
     ``<image_dir>/<id>.png`` (or Kaggle's ``<image_dir>/<id>/images/<id>.png``).
-    Raises DataError naming the file and line for malformed rows.
+    Raises DataError naming the file and line for malformed rows, and for sizes above the
+    policy's pixel limit (:class:`~kerasnuc.data.validation.InputPolicy`).
     """
+    from kerasnuc.data.validation import resolve_policy
+
+    policy = resolve_policy(policy)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: RLE CSV file not found")
@@ -149,6 +153,7 @@ def read_rle_csv(path, image_dir=None):
                                         f"are not integers") from None
                     if min(shape) < 1:
                         raise DataError(f"{path}, line {line}: invalid image size {shape}")
+                    policy.check_pixels(f"{path}, line {line}", shape)
                     if shapes.setdefault(image_id, shape) != shape:
                         raise DataError(f"{path}, line {line}: image {image_id} has size {shape} here but "
                                         f"{shapes[image_id]} on an earlier line")
@@ -165,7 +170,7 @@ def read_rle_csv(path, image_dir=None):
             if image_path is None:
                 raise DataError(f"{path}: no Height/Width columns and no image for '{image_id}' "
                                 f"(pass image_dir, searched {image_dir!r})")
-            shape = _image_shape(image_path)
+            shape = _image_shape(image_path, policy)
         height, width = shape
         flat = np.zeros(height * width, dtype=np.int32)
         next_id = 1
