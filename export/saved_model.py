@@ -209,10 +209,11 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
     meta["signatures"] = signatures
 
     model_dir = os.path.join(os.path.abspath(base), name)
-    os.makedirs(model_dir, exist_ok=True)
     if version is not None and int(version) in versions(model_dir):
         raise ExportError(f"{model_dir}/{version} exists; versions are never overwritten "
                           f"(omit --version for {next_version(model_dir)})")
+    created = [folder for folder in (model_dir, os.path.abspath(base)) if not os.path.isdir(folder)]
+    os.makedirs(model_dir, exist_ok=True)
     staging = os.path.join(model_dir, f".incomplete-{uuid.uuid4().hex[:12]}")
     try:
         archive = keras.export.ExportArchive()
@@ -238,11 +239,21 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
             version = next_version(model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
         raise
     write_deploy_files(os.path.abspath(base))
     log(f"exported {meta['task']} model '{name}' version {version}: {final}")
     log(f"signatures: {', '.join(signatures)}; input '{INPUT_KEY}' uint8 [batch, height, width, 1|3]")
     return final
+
+
+def _remove_empty(folders):
+    """Remove the folders an export created (innermost first) if it left them empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (another export wrote there meanwhile) or already gone
+            pass
 
 
 def read_export_metadata(version_dir):
@@ -267,7 +278,7 @@ def main(argv=None):
 
     try:
         path = export_saved_model(args.run_dir, args.base, args.version, args.name, args.mc_samples)
-    except (RunError, ExportError) as error:
+    except (RunError, ExportError, ValueError, OSError) as error:
         sys.exit(f"export.saved_model: {error}")
     print(path)
 

@@ -497,10 +497,12 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
 
     ``input_size`` (N, "HxW" or (H, W)): a static [1, H, W, C] input (see the module docstring).
     ``calibration_outliers``: see :func:`calibrated_int8` (0: calibrate on all crops only).
+    The four files are written in a hidden staging folder beside ``out`` and moved into place
+    only when all are complete: a failed export leaves nothing (and no new empty folder).
     """
-    from kerasnuc.runs import load_model, run_metadata, write_json_atomic
-    from kerasnuc.predict.litert import LiteModel
-    from kerasnuc.predict.tiling import fitting_margin
+    import shutil
+
+    from kerasnuc.runs import load_model, run_metadata
 
     log = log or (lambda message: print(message, flush=True))
     if input_size is not None:
@@ -508,13 +510,52 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
             parse_input_size(input_size)  # a malformed size fails before the model loads
         except ValueError as error:
             raise ValueError(f"{run_dir}: {error}") from None
-    model = load_model(run_dir)
+    model = load_model(run_dir)  # RunError for a broken run or a model that does not fit its task
     meta = run_metadata(run_dir, model)
     static = static_input_shape(run_dir, meta, input_size) if input_size is not None else None
     out = out or default_output(run_dir, meta, quantize, static)
     if not out.endswith(".tflite"):
         raise ValueError(f"--out must end in .tflite, got {out}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(out))
+    created = []
+    parent = folder
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    staging = os.path.join(folder, f".incomplete-{os.path.basename(out)}-{os.getpid()}")
+    os.makedirs(staging)
+    try:
+        staged, report = _convert_and_report(model, meta, run_dir, quantize, os.path.join(staging, os.path.basename(out)),
+                                             out, static, calibration, calibration_outliers, repeats, threads,
+                                             max_images, evaluate_model, log)
+        base = os.path.splitext(out)[0]
+        for suffix in (".json", ".report.json", ".report.md", ".tflite"):  # the model last: complete when seen
+            os.replace(os.path.splitext(staged)[0] + suffix, base + suffix)
+        os.rmdir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for path in created:  # innermost first
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        raise
+    log(f"wrote {out} ({report['megabytes']} MB, {quantize}); metadata {base}.json; report {base}.report.md")
+    if evaluate_model:
+        s = report["agreement"]["summary"]
+        log("agreement with Keras: " + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
+    return out, report
+
+
+def _convert_and_report(model, meta, run_dir, quantize, staged, out, static, calibration, calibration_outliers,
+                        repeats, threads, max_images, evaluate_model, log):
+    """Write the .tflite, its metadata JSON and report at ``staged`` (a staging path for
+    ``out``); returns (staged, report)."""
+    from kerasnuc.runs import write_json_atomic
+    from kerasnuc.predict.litert import LiteModel
+    from kerasnuc.predict.tiling import fitting_margin
+
     convertible, notes = conversion_model(model, static)
     if static and meta["task"] != "classification":
         margin = fitting_margin(static[1:3], meta["tile_margin"], meta["multiple"])
@@ -533,19 +574,17 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     else:
         content = convert(convertible, quantize)
     convert_seconds = time.time() - started
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as handle:
+    with open(staged, "wb") as handle:
         handle.write(content)
-    os.replace(tmp, out)
-    io = _io_details(out)
+    io = _io_details(staged)
     meta["tflite"] = {"quantize": quantize, "input_is": "normalised image (see normalization)",
                       "static_input": static, **io, "notes": notes}
-    lite = LiteModel(out, meta)
+    lite = LiteModel(staged, meta)
     if meta["stochastic"]:
         meta["tflite"]["stochastic_in_litert"] = check_stochastic(lite, meta)
         if not meta["tflite"]["stochastic_in_litert"]:
             log("warning: the converted Monte-Carlo model is deterministic in LiteRT")
-    base = os.path.splitext(out)[0]
+    base = os.path.splitext(staged)[0]
     write_json_atomic(base + ".json", meta)
     report = {"file": os.path.abspath(out), "quantize": quantize, "static_input": static, "bytes": len(content),
               "megabytes": round(len(content) / 2 ** 20, 3), "convert_seconds": round(convert_seconds, 1),
@@ -554,16 +593,12 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     if meta["stochastic"]:
         report["stochastic_in_litert"] = meta["tflite"]["stochastic_in_litert"]
     if evaluate_model:
-        report["agreement"] = evaluate(out, model, run_dir, meta, repeats=repeats, threads=threads,
+        report["agreement"] = evaluate(staged, model, run_dir, meta, repeats=repeats, threads=threads,
                                        max_images=max_images)
     write_json_atomic(base + ".report.json", report)
     with open(base + ".report.md", "w") as handle:
         handle.write(report_markdown(report, meta))
-    log(f"wrote {out} ({report['megabytes']} MB, {quantize}); metadata {base}.json; report {base}.report.md")
-    if evaluate_model:
-        s = report["agreement"]["summary"]
-        log("agreement with Keras: " + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
-    return out, report
+    return staged, report
 
 
 def machine_info():
@@ -639,7 +674,7 @@ def main(argv=None):
         export_tflite(args.run_dir, args.quantize, args.out, args.calibration, args.repeats, args.threads,
                       args.max_images, evaluate_model=not args.no_report, input_size=args.input_size,
                       calibration_outliers=args.calibration_outliers)
-    except (RunError, ValueError) as error:
+    except (RunError, ValueError, OSError) as error:
         sys.exit(f"export.tflite: {error}")
 
 

@@ -90,6 +90,29 @@ def read_json(path, default=_REQUIRED):
         raise RunError(f"{path}: not valid JSON ({error})") from None
 
 
+def read_json_object(path, default=_REQUIRED):
+    """A JSON file that must hold an object (dict): RunError naming the file otherwise."""
+    data = read_json(path, default)
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+TASKS = ("segmentation", "detection", "classification")
+
+
+def check_config(config, path):
+    """The config.json keys every reader relies on: task and channels (RunError naming the file)."""
+    task = config.get("task", "segmentation")
+    if task not in TASKS:
+        raise RunError(f"{path}: task '{task}' is none of {', '.join(TASKS)}")
+    channels = config.get("channels", 3)
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise RunError(f"{path}: channels must be 1 or 3, got {channels!r}")
+    if not isinstance(config.get("model", ""), str):
+        raise RunError(f"{path}: model must be a model family name, got {config['model']!r}")
+
+
 @dataclass
 class Run:
     path: str
@@ -125,8 +148,9 @@ def read_run(run_dir):
     for name, file in (("config.json", config_path), ("split.json", os.path.join(path, "split.json"))):
         if not os.path.isfile(file):
             raise RunError(f"{path}: {name} missing; not a complete training.fit run folder")
-    config = read_json(config_path)
-    split = read_json(os.path.join(path, "split.json"))
+    config = read_json_object(config_path)
+    check_config(config, config_path)
+    split = read_json_object(os.path.join(path, "split.json"))
     if "folds" in split:
         folds = ", ".join(f"{path}/fold{i + 1}" for i in range(len(split["folds"])))
         raise RunError(f"{path}: a cross-validation run; evaluate or export one fold: {folds}")
@@ -135,12 +159,12 @@ def read_run(run_dir):
     thresholds_path = os.path.join(path, "thresholds.json")
     thresholds = {}
     if os.path.isfile(thresholds_path):
-        thresholds = read_json(thresholds_path)
+        thresholds = read_json_object(thresholds_path)
     elif config.get("task", "segmentation") in ("segmentation", "detection"):
         raise RunError(f"{path}: thresholds.json missing (the tuned post-processing of a "
                               f"{config.get('task', 'segmentation')} run)")
     stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
-    stain = read_json(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
+    stain = read_json_object(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
     if config.get("stain") and not stain:
         raise RunError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
     return Run(path, config, split, thresholds, stain)
@@ -161,13 +185,47 @@ def load_run(run_dir):
     return run.config, run.thresholds, run.split
 
 
-def load_model(run_dir):
-    """The run's ``model.keras`` in Keras safe mode (kerasnuc layers registered first), uncompiled."""
+def load_model(run_dir, check=True):
+    """The run's ``model.keras`` in Keras safe mode (kerasnuc layers registered first), uncompiled.
+
+    The run folder is read first (:func:`read_run`: a missing or broken file is named before
+    Keras starts) and, with ``check``, the model must fit what config.json claims
+    (:func:`kerasnuc.model_checks.check_keras_model`): exports and the engine never serve a
+    model as something it is not. Errors are :class:`RunError` (one line naming the file)."""
+    run = read_run(run_dir)
+    model = read_keras_file(os.path.join(os.fspath(run_dir), "model.keras"))
+    if check:
+        from kerasnuc.model_checks import check_keras_model
+
+        check_keras_model(model, run.config, os.fspath(run_dir),
+                          recorded_class_names(run.config, run.path) if run.task == "classification" else (),
+                          multiple=2 ** model_depth(run.config))
+    return model
+
+
+def read_keras_file(path):
+    """A ``.keras`` file as an uncompiled model; RunError saying "corrupt" for a damaged zip
+    (Keras itself calls any unreadable zip "File not found")."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member: a CRC error shows here
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise RunError(f"{path}: not a readable Keras model (corrupt or truncated zip: {error})") from None
+    if damaged:
+        raise RunError(f"{path}: not a readable Keras model (corrupt zip: member {damaged} fails its CRC check)")
     import keras
 
     import kerasnuc.models  # noqa: F401  (registers the custom layers)
 
-    return keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001  (a valid zip Keras cannot build a model from)
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise RunError(f"{path}: not a readable Keras model ({detail})") from None
 
 
 def model_depth(config):
@@ -189,17 +247,17 @@ def stain_of(run_dir):
     for folder in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
         path = os.path.join(folder, "stain.json")
         if os.path.exists(path):
-            data = read_json(path)
+            data = read_json_object(path)
             return {k: v for k, v in data.items() if k in ("method", "params", "fitted")}
     return None
 
 
-def class_names_of(config, num_classes, run_dir=None):
-    """Class names for a classifier: metrics.json of the run, else the training data's records,
-    else class_0..K-1."""
+def recorded_class_names(config, run_dir=None):
+    """The class names a classifier run records: metrics.json of the run, else the training
+    data's records; () if neither says."""
     names = ()
     if run_dir:
-        names = tuple(read_json(os.path.join(run_dir, "metrics.json"), default={}).get("class_names") or ())
+        names = tuple(read_json_object(os.path.join(run_dir, "metrics.json"), default={}).get("class_names") or ())
     if not names:
         try:
             from kerasnuc.data import load_dataset
@@ -210,7 +268,12 @@ def class_names_of(config, num_classes, run_dir=None):
                     break
         except Exception:  # data moved or unreadable: names are a convenience, not a necessity
             names = ()
-    names = list(names)[:num_classes]
+    return names
+
+
+def class_names_of(config, num_classes, run_dir=None):
+    """Class names for a classifier: :func:`recorded_class_names`, else class_0..K-1."""
+    names = list(recorded_class_names(config, run_dir))[:num_classes]
     return names + [f"class_{i}" for i in range(len(names), num_classes)]
 
 

@@ -137,6 +137,15 @@ def tiling_note(model, tile=None, margin=None):
 
 
 
+def open_model(path, metadata=None, threads=None):
+    """The LiteModel of ``path`` (+ its metadata JSON); exits with one line naming the file
+    (missing .tflite, missing or broken metadata, a model that does not fit its task)."""
+    try:
+        return LiteModel(path, load_metadata(path, metadata), threads)
+    except (OSError, ValueError) as error:
+        sys.exit(f"serving.edge: {error}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m serving.edge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,10 +163,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="LiteRT threads (default: the runtime's choice)")
     args = parser.parse_args(argv)
 
-    try:
-        model = LiteModel(args.model, load_metadata(args.model, args.metadata), args.threads)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"serving.edge: {error}")
+    model = open_model(args.model, args.metadata, args.threads)
     meta = model.meta
     if meta["task"] not in TASK_OF_COMMAND[args.command]:
         sys.exit(f"serving.edge: {args.model} is a {meta['task']} model; '{args.command}' needs "
@@ -166,13 +172,21 @@ def main(argv=None):
     if args.command == "classify":
         if not args.points and not args.detector:
             sys.exit("serving.edge: classify needs --points CSV|DIR or --detector MODEL.tflite")
+        if args.points and not os.path.exists(args.points):
+            sys.exit(f"serving.edge: {args.points}: --points file or folder not found")
         if args.detector:
-            detector = LiteModel(args.detector, load_metadata(args.detector), args.threads)
+            detector = open_model(args.detector, None, args.threads)
+            if detector.meta["task"] not in TASK_OF_COMMAND["detect"]:
+                sys.exit(f"serving.edge: {args.detector} is a {detector.meta['task']} model; --detector needs "
+                         f"{' or '.join(TASK_OF_COMMAND['detect'])}")
     tiled = model if model.dense else detector  # the model that --tile / --margin apply to
     if tiled is not None and tiled.tiles_fixed:
         print(tiling_note(tiled, args.tile, args.margin), file=sys.stderr, flush=True)
     samples = args.samples or (meta.get("mc_samples", 10) if meta.get("stochastic") else 1)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"serving.edge: --out {args.out}: {error}")
     post = meta.get("postprocess") or {}
     times = []
     for path in args.images:
@@ -183,8 +197,11 @@ def main(argv=None):
         stem = _stem(path)
         started = time.perf_counter()
         if args.command == "classify":
-            points = points_for(args.points, path) if args.points else Predictor(detector).predict_points(
-                _apply_stain(detector.meta, read_image(path)), args.tile, args.margin, samples=1)
+            try:
+                points = points_for(args.points, path) if args.points else Predictor(detector).predict_points(
+                    _apply_stain(detector.meta, read_image(path)), args.tile, args.margin, samples=1)
+            except (OSError, ValueError) as error:
+                sys.exit(f"serving.edge: {error}")
             probabilities = model.classify(image, points, samples=samples)
             names = meta.get("class_names") or [f"class_{i}" for i in range(probabilities.shape[-1])]
             classes = probabilities.argmax(axis=-1) if len(points) else np.zeros(0, int)

@@ -17,12 +17,30 @@ def metadata_path(model_path):
 
 
 def load_metadata(model_path, path=None):
+    """The metadata dict of a .tflite: ``path`` or ``<model>.json`` beside it. ValueError /
+    FileNotFoundError (one line naming the file) for a missing .tflite, a missing or
+    unreadable JSON, or one without a known task and channels."""
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"{model_path}: .tflite file not found")
     path = path or metadata_path(model_path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: metadata JSON not found (written by python -m export.tflite "
                                 "beside the .tflite; or pass --metadata)")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: metadata is not valid JSON ({error})") from None
+    from kerasnuc.runs import TASKS
+
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: metadata must be a JSON object, found {type(meta).__name__}")
+    if meta.get("task") not in TASKS:
+        raise ValueError(f"{path}: metadata task {meta.get('task')!r} is none of {', '.join(TASKS)} "
+                         "(not a python -m export.tflite metadata file?)")
+    if meta.get("channels") not in (1, 3):
+        raise ValueError(f"{path}: metadata channels must be 1 or 3, got {meta.get('channels')!r}")
+    return meta
 
 
 class LiteModel:
@@ -39,11 +57,22 @@ class LiteModel:
 
         self.path = path
         self.meta = meta if meta is not None else load_metadata(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: .tflite file not found")
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
-                                       experimental_op_resolver_type=resolver)
+        try:
+            self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
+                                           experimental_op_resolver_type=resolver)
+        except (ValueError, RuntimeError) as error:
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: not a readable .tflite model ({detail})") from None
+        if len(self.interpreter.get_input_details()) != 1 or len(self.interpreter.get_output_details()) != 1:
+            raise ValueError(f"{path}: a kerasnuc export has one input and one output, this .tflite has "
+                             f"{len(self.interpreter.get_input_details())} and "
+                             f"{len(self.interpreter.get_output_details())}")
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
+        self._check_task()
         signature = [int(s) for s in self.input["shape_signature"]]
         # fixed batch (None: any) and fixed (H, W) (None: any) of the input tensor
         self.static_batch = signature[0] if signature[0] > 0 else None
@@ -51,6 +80,20 @@ class LiteModel:
         # Tensors are allocated at the first run, for its shape: a model with dynamic height
         # and width has a placeholder 1x1 input that builtin kernels refuse to prepare.
         self._shape = None
+
+    def _check_task(self):
+        """The .tflite's tensor shapes must fit its metadata's task (kerasnuc.model_checks);
+        metadata given in memory without a task (tests, tools) is not checked."""
+        from kerasnuc.model_checks import shape_problems
+
+        if "task" not in self.meta:
+            return
+
+        problems = shape_problems(self.meta.get("task"), self.meta.get("channels"),
+                                  self.input["shape_signature"], self.output["shape_signature"],
+                                  len(self.meta.get("class_names") or ()) or None)
+        if problems:
+            raise ValueError(f"{self.path}: the model does not match its metadata: " + "; ".join(problems))
 
     @property
     def input_dtype(self):

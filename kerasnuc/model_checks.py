@@ -1,0 +1,155 @@
+"""Does a model fit the task its run (or its export's metadata) claims? One place for the rule.
+
+A run folder's ``config.json`` says the task, the model family and the input channels; the
+exporters, the prediction engine and ``serving.edge`` trust it. A model that does not
+fit (a U-Net in a run whose config says classification) would export without complaint and
+serve nonsense, so loading checks it:
+
+=================  ===============================================================
+every task         one input (N, H, W, channels) with ``channels`` = config channels;
+                   one output; finite values
+segmentation       per-pixel maps (N, H, W, K) with the input's H and W; values in [0, 1]
+                   (probabilities: the post-processing thresholds them)
+detection          per-pixel density maps (N, H, W, K) with the input's H and W
+classification     (N, classes) class probabilities, classes = the run's class names
+                   (when the run records them), rows summing to 1 (softmax)
+model family       ``model.keras``'s model name, when it is a registered family, is the
+                   config's ``model``; a dense task needs a dense family and vice versa
+=================  ===============================================================
+
+:func:`shape_problems` checks static shapes only and needs neither Keras nor TensorFlow
+(``kerasnuc.predict.litert`` uses it on a ``.tflite``); :func:`check_keras_model` adds the
+family check and one small forward pass (value ranges, spatial size following the input).
+"""
+
+import numpy as np
+
+from kerasnuc.runs import TASKS, RunError
+
+DENSE_TASKS = ("segmentation", "detection")
+
+
+class ModelMismatch(RunError):
+    """The model does not fit the task, channels or family its run claims (message says how)."""
+
+
+def _shape(shape):
+    """A shape as a tuple with None for unknown sizes (Keras None, LiteRT -1)."""
+    return tuple(None if s is None or int(s) < 0 else int(s) for s in shape)
+
+
+def _text(shape):
+    return "(" + ", ".join("N" if i == 0 else ("?" if s is None else str(s)) for i, s in enumerate(shape)) + ")"
+
+
+def shape_problems(task, channels, input_shape, output_shape, num_classes=None):
+    """What is wrong with a model's (input, output) shapes for ``task``: a list of phrases
+    (empty when they fit). ``None`` / -1 sizes are unknown and always fit."""
+    if task not in TASKS:
+        return [f"task '{task}' is none of {', '.join(TASKS)}"]
+    problems = []
+    inp, out = _shape(input_shape), _shape(output_shape)
+    if len(inp) != 4:
+        problems.append(f"the model takes {_text(inp)} input, not images (N, H, W, C)")
+    elif channels is not None and inp[-1] is not None and inp[-1] != int(channels):
+        problems.append(f"config channels {channels} but the model takes {inp[-1]}-channel input")
+    if task in DENSE_TASKS:
+        what = "per-pixel probability maps" if task == "segmentation" else "per-pixel density maps"
+        if len(out) != 4:
+            kind = "class scores" if len(out) == 2 else f"rank-{len(out)} output"
+            problems.append(f"task '{task}' needs {what} (N, H, W, K), the model outputs {kind} {_text(out)}")
+        elif len(inp) == 4 and any(i is not None and o is not None and i != o for i, o in zip(inp[1:3], out[1:3])):
+            problems.append(f"task '{task}' needs maps of the input's size, the model maps "
+                            f"{_text(inp)} to {_text(out)}")
+    else:
+        if len(out) != 2:
+            kind = "per-pixel maps" if len(out) == 4 else f"rank-{len(out)} output"
+            problems.append(f"task 'classification' needs class probabilities (N, classes), "
+                            f"the model outputs {kind} {_text(out)}")
+        elif out[-1] is not None and out[-1] < 2:
+            problems.append(f"task 'classification' needs at least 2 classes, the model outputs {out[-1]}")
+        elif num_classes and out[-1] is not None and out[-1] != int(num_classes):
+            problems.append(f"the run has {num_classes} classes, the model outputs {out[-1]} class scores")
+    return problems
+
+
+def value_problems(task, x, out):
+    """What is wrong with the output ``out`` of a probe batch ``x`` for ``task`` (list of phrases)."""
+    out = np.asarray(out, np.float32)
+    if out.shape[0] != x.shape[0]:
+        return [f"{x.shape[0]} images in gave {out.shape[0]} outputs"]
+    if not np.isfinite(out).all():
+        return ["the model outputs NaN or infinite values"]
+    problems = []
+    if task in DENSE_TASKS:
+        if out.ndim == 4 and out.shape[1:3] != x.shape[1:3]:
+            problems.append(f"task '{task}' needs maps of the input's size, a {x.shape[1]}x{x.shape[2]} input "
+                            f"gave {out.shape[1]}x{out.shape[2]} maps")
+        if task == "segmentation" and (out.min() < -1e-5 or out.max() > 1 + 1e-5):
+            problems.append(f"task 'segmentation' needs probabilities in [0, 1] (sigmoid or softmax head), "
+                            f"the model outputs values in [{out.min():.3g}, {out.max():.3g}]")
+    elif out.ndim == 2:
+        sums = out.sum(axis=-1)
+        if out.min() < -1e-5 or out.max() > 1 + 1e-5 or np.abs(sums - 1).max() > 1e-3:
+            problems.append(f"task 'classification' needs class probabilities (softmax: in [0, 1], summing "
+                            f"to 1), the model's rows sum to {sums.min():.3g}..{sums.max():.3g} with values in "
+                            f"[{out.min():.3g}, {out.max():.3g}]")
+    return problems
+
+
+def family_problems(task, config_model, model_name):
+    """The config's model family against the task and against the name inside model.keras."""
+    from kerasnuc import models
+
+    problems = []
+    families = models.available()
+    if config_model in families:
+        family_task = models.task_of(config_model)
+        if (family_task == "classification") != (task == "classification"):
+            problems.append(f"config model '{config_model}' is a {family_task} model, config task is '{task}'")
+    if config_model and model_name in families and model_name != config_model:
+        problems.append(f"config model '{config_model}' but model.keras holds a '{model_name}'")
+    return problems
+
+
+def probe_batch(task, channels, input_shape, multiple=1, patch=32, seed=0):
+    """A small random normalised batch the model must accept: 2 images of its fixed size, or
+    (dense models with any size) a non-square 2u x 3u with u >= 16 a multiple of ``multiple``
+    (a transposed or rescaled map shows), or classifiers' patch x patch."""
+    shape = _shape(input_shape)
+    height, width = shape[1:3] if len(shape) == 4 else (None, None)
+    if task in DENSE_TASKS:
+        unit = -(-max(16, multiple) // multiple) * multiple
+        height, width = height or 2 * unit, width or 3 * unit
+    else:
+        height, width = height or int(patch), width or int(patch)
+    return np.random.default_rng(seed).random((2, height, width, int(channels))).astype(np.float32)
+
+
+def check_keras_model(model, config, where, class_names=(), multiple=1):
+    """Raise :class:`ModelMismatch` (one line, starting with ``where``) unless the Keras
+    ``model`` fits the run's ``config`` (task, channels, model family, class names): static
+    shapes, then one forward pass of :func:`probe_batch` for the value ranges."""
+    import keras
+
+    task = config.get("task", "segmentation")
+    channels = config.get("channels")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        problems = [f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs, not one each"]
+    else:
+        problems = shape_problems(task, channels, model.inputs[0].shape, model.outputs[0].shape,
+                                  len(class_names) or None)
+    problems += family_problems(task, config.get("model"), model.name)
+    if not problems:
+        channels = channels or model.inputs[0].shape[-1]
+        x = probe_batch(task, channels, model.inputs[0].shape, multiple, config.get("patch", 32))
+        try:
+            out = keras.ops.convert_to_numpy(model(x, training=False))
+        except Exception as error:  # noqa: BLE001  (any failure here means the model does not fit)
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            problems.append(f"the model fails on a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} input "
+                            f"(input multiple {multiple} from the config): {detail}")
+        else:
+            problems += value_problems(task, x, out)
+    if problems:
+        raise ModelMismatch(f"{where}: model.keras does not match config.json: " + "; ".join(problems))
