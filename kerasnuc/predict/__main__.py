@@ -115,6 +115,12 @@ def main(argv=None):
     parser.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="1..8",
                         help="test-time augmentation: average this many dihedral views (default 1: none)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist")
+    parser.add_argument("--dask", action="store_true",
+                        help="one Dask task per block, on a local cluster (or the --scheduler's)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="join this Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --dask)")
+    parser.add_argument("--dask-workers", type=int, metavar="N",
+                        help="worker processes of the local Dask cluster (default: one per two cores)")
     args = parser.parse_args(argv)
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
@@ -122,6 +128,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown --format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     from kerasnuc.predict import load
+    if args.dask or args.scheduler or args.dask_workers is not None:
+        from kerasnuc.predict.distributed import dask_loader
+
+        load = dask_loader(args.scheduler, args.dask_workers)
     from kerasnuc.predict.sources import open_view
 
     try:
@@ -193,6 +203,7 @@ def main(argv=None):
           f"{len(written)} files written to {args.out}"
           + (f"; {len(skipped)} skipped (outputs exist; --overwrite to redo)" if skipped else "")
           + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+    getattr(predictor, "close", lambda: None)()  # a Dask client and its local cluster
     return 1 if failed else 0
 
 

@@ -37,7 +37,6 @@ class Predictor:
         self.block = int(block)
         self.block_overlap = block_overlap
         self.classifier = None
-        self._ranges = {}
 
     # -- facts
 
@@ -255,9 +254,7 @@ class Predictor:
         in its thumbnail are skipped. Ids are global within a view. ``outlines``: also each
         nucleus's polygon (``result.rings``, for GeoJSON).
         """
-        if self.task != "segmentation":
-            raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
-                             "(use predict_points)")
+        self.require_segmentation()
         next_id = {}
         for item in prefetch(self._network_stage(views, tile, margin, samples, skip_glass), depth):
             if item.error is not None or item.maps is None:
@@ -273,41 +270,72 @@ class Predictor:
             next_id[item.index] = first + len(item.table["id"])
             yield item
 
+    def require_segmentation(self):
+        """Raise unless this is a segmentation model (nuclei as instances)."""
+        if self.task != "segmentation":
+            raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
+                             "(use predict_points)")
+
     def _network_stage(self, views, tile, margin, samples, skip_glass):
         for index, source in enumerate(views):
             try:
-                view = as_view(source() if callable(source) else source)
-                value_range = view.value_range(self.channels)
-                height, width = view.shape[:2]
-                blocks = list(block_grid(height, width, self.block, self.multiple))
-                tissue = view.tissue() if skip_glass else None
+                blocks = self.plan_view(index, source, skip_glass)
             except Exception as error:  # reported with the view's index; the others go on
                 yield BlockResult(index, None, error=error)
                 continue
-            overlap = self.overlap()
-            for done, core in enumerate(blocks, 1):
-                r0, r1, c0, c1 = core
-                top = _floor_to(max(r0 - overlap, 0), self.multiple)
-                left = _floor_to(max(c0 - overlap, 0), self.multiple)
-                bottom, right = min(r1 + overlap, height), min(c1 + overlap, width)
-                result = BlockResult(index, view, core=core, box=(top, bottom, left, right),
-                                     done=done, total=len(blocks))
-                if tissue is not None and not _has_tissue(tissue, core):
+            for result in blocks:
+                if result.glass:
                     yield result  # glass: no network, no nuclei
                     continue
                 try:
-                    result.crop = np.asarray(view.read(top, bottom, left, right))
-                    result.maps, result.variance = self.predict_maps(result.crop, tile, margin, samples,
-                                                                     value_range)
-                    result.value_range = value_range
+                    self.predict_block(result, tile, margin, samples)
                 except Exception as error:
                     result.error = error
                     yield result
                     break
                 yield result
 
+    def plan_view(self, index, source, skip_glass=True):
+        """The blocks of one view (a view, an array, or a callable that opens one), as
+        :class:`BlockResult` objects with ``core``, ``box``, the view's intensity ranges and ``glass``
+        set: what a block needs to be predicted anywhere (here or on a Dask worker)."""
+        view = as_view(source() if callable(source) else source)
+        value_range = view.value_range(self.channels)
+        # the classifier normalises with the whole view's range too
+        classifier_range = view.value_range(self.classifier.channels) if self.classifier is not None else None
+        height, width = view.shape[:2]
+        cores = list(block_grid(height, width, self.block, self.multiple))
+        tissue = view.tissue() if skip_glass else None
+        overlap = self.overlap()
+        blocks = []
+        for done, core in enumerate(cores, 1):
+            r0, r1, c0, c1 = core
+            top = _floor_to(max(r0 - overlap, 0), self.multiple)
+            left = _floor_to(max(c0 - overlap, 0), self.multiple)
+            bottom, right = min(r1 + overlap, height), min(c1 + overlap, width)
+            result = BlockResult(index, view, core=core, box=(top, bottom, left, right), done=done,
+                                 total=len(cores))
+            result.value_range, result.classifier_range = value_range, classifier_range
+            result.glass = tissue is not None and not _has_tissue(tissue, core)
+            blocks.append(result)
+        return blocks
+
+    def predict_block(self, result, tile=None, margin=None, samples=None):
+        """Read a planned block's pixels (its box) and run the network on them: sets ``crop``,
+        ``maps`` and ``variance``."""
+        top, bottom, left, right = result.box
+        result.crop = np.asarray(result.view.read(top, bottom, left, right))
+        result.maps, result.variance = self.predict_maps(result.crop, tile, margin, samples, result.value_range)
+        return result
+
     def _post_stage(self, item, first_id, outlines=False):
         """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``."""
+        return number_block(self.block_instances(item, outlines), first_id)
+
+    def block_instances(self, item, outlines=False):
+        """The nuclei a predicted block keeps (responsibility rule), measured and classified,
+        still with block-local labels (``table["label"]``; ids come from :func:`number_block`,
+        in block order, so a block can be done anywhere)."""
         from kerasnuc.predict.measure import measure
 
         height, width = item.view.shape[:2]
@@ -320,19 +348,11 @@ class Predictor:
         kept[keep] = True
         local = np.where(kept[local], local, 0)
         measured = measure(local, item.crop, variance=item.variance, offset=(top, left), outlines=outlines)
-        table, rings = measured if outlines else (measured, {})
-        remap = np.zeros(int(local.max(initial=0)) + 1, np.uint32)
-        remap[table["label"]] = np.arange(first_id, first_id + len(table["label"]), dtype=np.uint32)
-        table["id"] = remap[table["label"]]
-        if self.classifier is not None and len(table["id"]):
-            key = (id(item.view), self.classifier.channels)
-            if key not in self._ranges:  # the classifier normalises with the whole view's range too
-                self._ranges = {key: item.view.value_range(self.classifier.channels)}
-            _add_classes(table, self.classifier, item.crop, (top, left), self._ranges[key])
-        del table["label"]
-        item.labels = remap[local]
-        item.rings = {int(remap[label]): ring for label, ring in rings.items()} if outlines else None
-        item.table = _to_level0(_id_first(table), item.view.downsample)
+        table, rings = measured if outlines else (measured, None)
+        if self.classifier is not None and len(table["label"]):
+            _add_classes(table, self.classifier, item.crop, (top, left), item.classifier_range)
+        item.labels, item.rings = local, rings
+        item.table = _to_level0(table, item.view.downsample)
         item.maps = item.variance = None
         return item
 
@@ -346,18 +366,35 @@ class Predictor:
 class BlockResult:
     """One block of a view: where it is (``core`` it decides, ``box`` it saw, in view pixels),
     its pixels, and after post-processing ``labels`` (box-sized, global ids of the nuclei it
-    kept, 0 elsewhere) and ``table`` (level-0 pixels); ``error`` if it could not be done."""
+    kept, 0 elsewhere) and ``table`` (level-0 pixels); ``error`` if it could not be done;
+    ``glass`` if the tissue mask found none in it (not predicted)."""
 
     def __init__(self, index, view, core=None, box=None, done=0, total=0, error=None):
         self.index, self.view, self.core, self.box = index, view, core, box
         self.done, self.total, self.error = done, total, error
         self.crop = self.maps = self.variance = self.labels = self.value_range = None
-        self.table = self.rings = None
+        self.classifier_range = self.table = self.rings = None
+        self.glass = False
 
     @property
     def skipped(self):
         """True for a block of glass (not predicted)."""
-        return self.error is None and self.crop is None
+        return self.error is None and self.glass
+
+
+def number_block(item, first_id):
+    """Give a block's kept nuclei their global ids ``first_id, first_id + 1, ...`` (in label
+    order): labels, table (``id`` first, ``label`` dropped) and outlines."""
+    table = item.table
+    remap = np.zeros(int(item.labels.max(initial=0)) + 1, np.uint32)
+    remap[table["label"]] = np.arange(first_id, first_id + len(table["label"]), dtype=np.uint32)
+    table["id"] = remap[table["label"]]
+    del table["label"]
+    item.labels = remap[item.labels]
+    if item.rings is not None:
+        item.rings = {int(remap[label]): ring for label, ring in item.rings.items()}
+    item.table = _id_first(table)
+    return item
 
 
 def paste_labels(labels, result):

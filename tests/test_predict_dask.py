@@ -1,0 +1,148 @@
+"""kerasnuc.predict on a Dask cluster: one task per block on worker processes that open the
+inputs by path and load the model once each; the client stitches, and every output (labels,
+CSV table, GeoJSON, overlay) equals the serial run's, for small images and for an image split
+into several blocks, on a local cluster started by the CLI and on an existing scheduler."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("keras")
+cv2 = pytest.importorskip("cv2")
+tifffile = pytest.importorskip("tifffile")
+
+from import_blocker import FRAMEWORKS, LEAK_CHECK, PREAMBLE, environment  # noqa: E402
+from kerasnuc.predict import __main__ as cli  # noqa: E402
+from kerasnuc.predict import distributed as dask_predict  # noqa: E402
+from kerasnuc.predict.engine import block_grid  # noqa: E402
+from test_predict import TINY  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BLOCK = 256  # the large image splits into several blocks
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from training import fit
+    from training.config import resolve
+
+    out = tmp_path_factory.mktemp("dask") / "unet"
+    return fit.run(resolve(overrides={**TINY, "out": str(out)}), log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data, tmp_path_factory):
+    """A folder of three small DSB test images, one large one and a broken file; its block count."""
+    paths = sorted(glob.glob(os.path.join(shared_data, "dsb2018", "stage1_test", "images", "*.png")))
+    if not paths:
+        pytest.skip("DSB 2018 stage1_test not in ../shared/data")
+    shapes = {p: cv2.imread(p).shape[:2] for p in paths[:40]}
+    small = [p for p, s in shapes.items() if max(s) <= BLOCK][:3]
+    large = [p for p, s in shapes.items() if min(s) >= 2 * BLOCK][:1]
+    assert len(small) == 3 and large, "DSB stage1_test has 256 x 256 and 520 x 696 images"
+    folder = tmp_path_factory.mktemp("inputs")
+    for path in small + large:
+        os.symlink(path, folder / os.path.basename(path))
+    (folder / "broken.png").write_bytes(b"not a png")
+    blocks = sum(len(list(block_grid(*shapes[p], BLOCK, 16))) for p in small + large)
+    return str(folder), [os.path.splitext(os.path.basename(p))[0] for p in small + large], blocks
+
+
+@pytest.fixture(scope="module")
+def serial(trained_run, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    assert cli.main([trained_run, inputs[0], "--out", str(out), "--block", str(BLOCK)]) == 1  # broken.png
+    return out
+
+
+def assert_same_outputs(out, expected, stems):
+    """Labels, CSV, GeoJSON (but its random feature ids) and overlay equal, and nuclei found."""
+    nuclei = 0
+    for stem in stems:
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        np.testing.assert_array_equal(labels, tifffile.imread(expected / f"{stem}_labels.tif"), err_msg=stem)
+        rows = list(csv.reader(open(out / f"{stem}_nuclei.csv")))
+        assert rows == list(csv.reader(open(expected / f"{stem}_nuclei.csv"))), stem
+        assert len(rows) - 1 == labels.max() == len(np.unique(labels)) - 1
+        features, reference = (json.load(open(folder / f"{stem}.geojson"))["features"] for folder in (out, expected))
+        assert [{**f, "id": None} for f in features] == [{**f, "id": None} for f in reference], stem
+        np.testing.assert_array_equal(cv2.imread(str(out / f"{stem}_overlay.png")),
+                                      cv2.imread(str(expected / f"{stem}_overlay.png")))
+        nuclei += int(labels.max())
+    assert nuclei >= 20, "the tiny trained U-Net finds nuclei on DSB test images"
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_local_cluster_equals_the_serial_run(trained_run, inputs, serial, tmp_path, capsys):
+    folder, stems, blocks = inputs
+    assert blocks >= len(stems) + 5  # the large image is several blocks
+    out = tmp_path / "dask"
+    capsys.readouterr()
+    code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK), "--dask", "--dask-workers", "2"])
+    assert code == 1  # broken.png is reported by name, the others go on
+    printed = capsys.readouterr()
+    assert "broken.png" in printed.out and "4 images" in printed.out and "1 failed" in printed.out
+    assert_same_outputs(out, serial, stems)
+
+
+def test_scheduler_joins_an_existing_cluster_whose_workers_load_the_model_once(trained_run, inputs, serial,
+                                                                              tmp_path):
+    folder, stems, blocks = inputs
+    out = tmp_path / "joined"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK),
+                         "--scheduler", cluster.scheduler_address])
+        stats = client.run(dask_predict.worker_stats)
+        assert len(client.nthreads()) == 2  # the CLI left the cluster running
+    assert code == 1
+    assert_same_outputs(out, serial, stems)
+    assert sum(s.get("blocks", 0) for s in stats.values()) == blocks  # every block ran on a worker
+    for worker in stats.values():
+        if worker.get("blocks"):
+            assert worker["loads"] == worker["models"] == 1, worker  # once per worker, not per block
+
+
+def test_unreachable_scheduler_is_one_line(trained_run, tmp_path):
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(SystemExit) as exit:
+        cli.main([trained_run, str(tmp_path), "--out", str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
+    message = str(exit.value)
+    assert message.startswith("kerasnuc.predict: tcp://127.0.0.1:9: cannot reach the Dask scheduler")
+    assert "\n" not in message
+
+
+def test_arrays_are_refused_workers_read_inputs_by_path():
+    with pytest.raises(ValueError, match="file paths"):
+        dask_predict._opener(np.zeros((8, 8), np.uint8))
+
+
+IMPORTS = PREAMBLE + r'''
+import kerasnuc.predict
+import kerasnuc.predict.__main__
+from kerasnuc.predict import distributed
+
+try:
+    distributed.connect()
+except ValueError as error:
+    print("REFUSED", error)
+''' + LEAK_CHECK + '''
+print("NO-BLOCKED-IMPORTS")
+'''
+
+
+def test_engine_and_this_module_import_without_dask():
+    blocked = FRAMEWORKS + ("dask", "distributed")
+    result = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=environment(blocked))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "NO-BLOCKED-IMPORTS" in result.stdout
+    assert "REFUSED prediction on a Dask cluster needs dask.distributed: pip install 'kerasnuc[dask]'" in result.stdout
