@@ -1,6 +1,8 @@
 """An embedded gRPC server speaking TensorFlow Serving's API, for an ``export.saved_model`` base.
 
     python -m serving.server --base EXPORT_BASE [--port 8500] [--host 127.0.0.1]
+        [--max-inflight 2] [--max-queue 4] [--max-request-mpix 4] [--max-inflight-mpix 16]
+        [--onednn]
 
 Serves ``EXPORT_BASE/<model>/<version>/`` SavedModels (``tf.saved_model.load``) with
 ``tensorflow_serving.apis``: PredictionService ``Predict`` and ``GetModelMetadata``,
@@ -10,14 +12,31 @@ base runs the official image).
 
 * Newest version of each model: the base is polled (``--poll`` seconds) and a newer
   integer version folder is loaded and swapped in while the old one keeps answering;
-  hidden staging folders are ignored, a version that fails to load is logged and skipped.
+  hidden staging folders are ignored. A version that fails to load (say, still being
+  copied in file by file) keeps the old one serving and is retried on later polls: as
+  soon as its files have stopped changing for one poll, else with an exponential
+  back-off (up to a minute); each failure is logged once per change of the folder.
 * Binds 127.0.0.1 by default (``--host 0.0.0.0`` to expose it; there is no
   authentication, put it behind a proxy for that).
 * Malformed requests (unknown input names, wrong dtype or rank, undecodable tensors,
-  images with 2 channels...) get INVALID_ARGUMENT and the server keeps serving; an
-  unknown model or version gets NOT_FOUND.
-* Requests are bounded by ``--max-message-mb`` (gRPC max_receive_message_length) and
-  run concurrently on a thread pool of ``--threads`` workers.
+  empty dimensions, images with 2 channels, a value count that differs from the declared
+  shape: TF would broadcast one value to the whole shape...) get INVALID_ARGUMENT with a
+  one-line reason and the server keeps serving; an unknown model or version gets NOT_FOUND.
+* Load is bounded, and every bound answers at once instead of queueing for ever:
+  ``--max-message-mb`` (gRPC max_receive_message_length; RESOURCE_EXHAUSTED);
+  ``--max-request-mpix``: the pixels one request may cost, batch x height x width padded to
+  the model's multiple x the passes of its signature (Monte-Carlo ``uncertainty``: T): more
+  is INVALID_ARGUMENT (send tiles, as serving.client does); ``--max-inflight-mpix``: the
+  pixels of all admitted requests together; ``--max-inflight`` requests run the model at
+  once, ``--max-queue`` more wait for a turn; beyond either budget: RESOURCE_EXHAUSTED
+  (retry later). A request whose client has gone (cancelled, deadline passed) while it
+  waited is dropped without running the model.
+* Memory: a request's working memory is about pixels x the model's activation width
+  (bench/results/server_load.md measures it for the tiny bench U-Net). oneDNN is off by
+  default (``TF_ENABLE_ONEDNN_OPTS=0`` before TensorFlow loads): its kernels keep caches per
+  distinct input shape and hold the largest request's buffers, so RSS climbs with every new
+  tile size; ``--onednn`` turns it back on (about 2.5x faster on this CPU, RSS not flat).
+  The SavedModel signatures are concrete functions: a new shape is not retraced.
 """
 
 import argparse
@@ -25,7 +44,10 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections import Counter
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,6 +56,9 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 DEFAULT_SIGNATURE = "serving_default"
+MPIX = 1_000_000
+MAX_BACKOFF_SECONDS = 60.0
+WAIT_STEP_SECONDS = 0.05  # how often a queued request checks that its client is still there
 
 
 @dataclass
@@ -44,9 +69,21 @@ class LoadedModel:
     loaded: object
     signature_defs: dict
     inputs: dict = field(default_factory=dict)  # signature -> {input key: TensorSpec}
+    meta: dict = field(default_factory=dict)  # assets.extra/kerasnuc.json, {} for other SavedModels
 
     def function(self, signature):
         return self.loaded.signatures[signature]
+
+    @property
+    def multiple(self):
+        """The graph pads height and width to this multiple: the pixels the network really sees."""
+        return max(1, int(self.meta.get("multiple") or 1))
+
+    def passes(self, signature):
+        """Network passes one request of ``signature`` makes (T for Monte-Carlo ``uncertainty*``)."""
+        if signature.startswith("uncertainty") and self.meta.get("stochastic"):
+            return max(1, int(self.meta.get("mc_samples") or 1))
+        return 1
 
 
 def _signature_defs(path):
@@ -62,27 +99,61 @@ def _signature_defs(path):
     raise ValueError(f"{path}: no 'serve' meta graph")
 
 
+def _export_meta(path):
+    """kerasnuc.json of an export (multiple, channels, MC passes), {} for a foreign SavedModel."""
+    from export.saved_model import METADATA_FILE, read_export_metadata
+
+    if not os.path.isfile(os.path.join(path, "assets.extra", METADATA_FILE)):
+        return {}
+    return read_export_metadata(path)
+
+
 def load_version(name, version, path):
     import tensorflow as tf
 
+    meta = _export_meta(path)  # first: a half-copied JSON fails the load, it does not mislead it
     loaded = tf.saved_model.load(path)
     defs = _signature_defs(path)
     inputs = {}
     for key in defs:
         function = loaded.signatures[key]
         inputs[key] = dict(function.structured_input_signature[1])
-    return LoadedModel(name, version, path, loaded, defs, inputs)
+    return LoadedModel(name, version, path, loaded, defs, inputs, meta)
+
+
+def folder_state(path):
+    """(relative path, size, mtime_ns) of every file under ``path``: changes while it is copied in."""
+    state = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            try:
+                info = os.stat(full)
+            except OSError:  # removed meanwhile: the folder is changing
+                continue
+            state.append((os.path.relpath(full, path), info.st_size, info.st_mtime_ns))
+    return tuple(sorted(state))
+
+
+@dataclass
+class _Failure:
+    """A version folder that failed to load: when to try again, and what was logged."""
+    state: tuple  # folder_state at the failed attempt
+    seen: tuple  # folder_state at the latest poll
+    failures: int = 1
+    next_try: float = 0.0
 
 
 class ModelRegistry:
     """The newest loadable version of every model under ``base``, refreshed by polling."""
 
-    def __init__(self, base, poll_seconds=2.0, log=None):
+    def __init__(self, base, poll_seconds=2.0, log=None, clock=time.monotonic):
         self.base = os.path.abspath(base)
         self.poll_seconds = poll_seconds
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.clock = clock
         self._models = {}
-        self._failed = set()
+        self._failed = {}  # (name, version) -> _Failure
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -102,27 +173,59 @@ class ModelRegistry:
                 found[name] = sorted(versions, reverse=True)
         return found
 
+    def _should_try(self, key, path):
+        """False while a failed version's folder is still changing or its back-off runs."""
+        failure = self._failed.get(key)
+        if failure is None:
+            return True
+        state = folder_state(path)
+        settled = state == failure.seen  # unchanged for one poll: the copy looks finished
+        failure.seen = state
+        if not settled:
+            return False
+        return state != failure.state or self.clock() >= failure.next_try
+
+    def _record_failure(self, key, path, error):
+        state = folder_state(path)
+        failure = self._failed.get(key)
+        if failure is None or failure.state != state:  # log once per change of the folder
+            self.log(f"serving.server: cannot load {key[0]} version {key[1]} ({path}): "
+                     f"{_one_line(error)}; retrying when its files change or in "
+                     f"{self.poll_seconds:.3g}s, backing off")
+            failure = _Failure(state, state)
+        else:
+            failure.failures += 1
+        delay = min(MAX_BACKOFF_SECONDS, self.poll_seconds * 2 ** (failure.failures - 1))
+        failure.next_try = self.clock() + delay
+        self._failed[key] = failure
+
     def poll(self):
         """Load newer versions; returns the names of models (re)loaded."""
         changed = []
+        present = set()
         for name, versions in self.scan().items():
+            present.update((name, version) for version, _ in versions)
             current = self._models.get(name)
             for version, path in versions:
                 if current is not None and version <= current.version:
                     break
-                if (name, version) in self._failed:
+                key = (name, version)
+                if not self._should_try(key, path):
                     continue
                 try:
                     model = load_version(name, version, path)
-                except Exception as error:  # a broken export must not take the server down
-                    self._failed.add((name, version))
-                    self.log(f"serving.server: cannot load {name} version {version} ({path}): {error}")
+                except Exception as error:  # a broken or half-copied export must not take the server down
+                    self._record_failure(key, path, error)
                     continue
+                if self._failed.pop(key, None) is not None:
+                    self.log(f"serving.server: {name} version {version} loads now")
                 with self._lock:
                     self._models[name] = model
                 self.log(f"serving.server: serving {name} version {version} from {path}")
                 changed.append(name)
                 break
+        for key in set(self._failed) - present:  # folder gone: forget it
+            del self._failed[key]
         return changed
 
     def get(self, name, version=None):
@@ -150,7 +253,7 @@ class ModelRegistry:
             try:
                 self.poll()
             except Exception as error:  # keep polling whatever happens to one scan
-                self.log(f"serving.server: polling {self.base} failed: {error}")
+                self.log(f"serving.server: polling {self.base} failed: {_one_line(error)}")
 
     def stop(self):
         self._stop.set()
@@ -160,6 +263,71 @@ class _Abort(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def _one_line(error):
+    """The reason in a TF error (or any exception) on one line, without graph stack noise."""
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    lines = [line.strip() for line in text.splitlines()]
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[{{", "[[", "")
+    kept = [line for line in lines if not line.startswith(noise)]
+    return " ".join(kept or lines)[:500]
+
+
+class Gate:
+    """Admission control. At most ``max_inflight`` requests run the model and ``max_queue``
+    more wait; the pixels of all admitted requests stay within ``max_pixels``. A request
+    beyond either is refused at once (RESOURCE_EXHAUSTED), so load never piles up."""
+
+    def __init__(self, max_inflight, max_queue, max_pixels):
+        if max_inflight < 1 or max_queue < 0 or max_pixels <= 0:
+            raise ValueError("max_inflight must be >= 1, max_queue >= 0, the in-flight pixel budget > 0")
+        self.max_inflight, self.max_queue, self.max_pixels = max_inflight, max_queue, max_pixels
+        self.running = self.waiting = self.pixels = 0
+        self._cond = threading.Condition()
+
+    def _admit(self, cost):
+        with self._cond:
+            if self.running + self.waiting >= self.max_inflight + self.max_queue:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"server busy: {self.running} requests running, {self.waiting} queued "
+                             f"(--max-inflight {self.max_inflight}, --max-queue {self.max_queue}); retry later")
+            if self.pixels + cost > self.max_pixels:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"server busy: {self.pixels / MPIX:.2f} Mpix in flight, this request needs "
+                             f"{cost / MPIX:.2f} more (--max-inflight-mpix {self.max_pixels / MPIX:g}); retry later")
+            self.waiting += 1
+            self.pixels += cost
+
+    def _wait_turn(self, active):
+        """Wait for a running slot; False (and no slot) if ``active()`` turns False meanwhile."""
+        with self._cond:
+            while self.running >= self.max_inflight:
+                if not active():
+                    self.waiting -= 1
+                    return False
+                self._cond.wait(WAIT_STEP_SECONDS)
+            self.waiting -= 1
+            self.running += 1
+            return True
+
+    def _release(self, cost, ran):
+        with self._cond:
+            self.pixels -= cost
+            if ran:
+                self.running -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def slot(self, cost, active=lambda: True):
+        """Admit a request of ``cost`` pixels and wait for its turn; yields whether it got one."""
+        self._admit(cost)
+        ran = False
+        try:
+            ran = self._wait_turn(active)
+            yield ran
+        finally:
+            self._release(cost, ran)
 
 
 def _version_of(model_spec):
@@ -180,8 +348,93 @@ def _find(registry, model_spec):
         raise _Abort(grpc.StatusCode.NOT_FOUND, str(error.args[0])) from None
 
 
-def _decode_inputs(request, model, signature, max_elements):
-    """{key: tf.Tensor} from the request, checked against the signature (else INVALID_ARGUMENT)."""
+def _value_field(dtype):
+    """The TensorProto field holding ``dtype``'s typed values (see tensorflow/core/framework/tensor.proto)."""
+    import tensorflow as tf
+
+    fields = {tf.float32: "float_val", tf.float64: "double_val", tf.int64: "int64_val", tf.string: "string_val",
+              tf.bool: "bool_val", tf.float16: "half_val", tf.bfloat16: "half_val", tf.uint32: "uint32_val",
+              tf.uint64: "uint64_val"}
+    for small in (tf.int32, tf.int16, tf.int8, tf.uint8, tf.uint16):
+        fields[small] = "int_val"
+    return fields.get(dtype)
+
+
+def _checked_dims(key, proto, spec, max_elements):
+    """The declared dims of an input, refused when unknown, empty, negative or too large."""
+    if proto.tensor_shape.unknown_rank:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': tensor_shape has unknown rank")
+    dims = [int(d.size) for d in proto.tensor_shape.dim]
+    if spec.shape.rank is not None and len(dims) != spec.shape.rank:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{key}': expects shape {spec.shape.as_list()} (None = any), got {dims}")
+    if any(d < 0 for d in dims):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': negative dimension in shape {dims}")
+    if any(d == 0 for d in dims):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{key}': empty shape {dims}; every dimension must be at least 1")
+    if int(np.prod(dims, dtype=np.int64)) > max_elements:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': too large shape {dims}")
+    if not spec.shape.is_compatible_with(dims):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{key}': expects shape {spec.shape.as_list()} (None = any), got {dims}")
+    return dims
+
+
+def _check_values(key, proto, dtype, dims):
+    """The value count must equal the declared shape: TF's make_ndarray would broadcast one
+    value (or pad a short list) to the whole shape, letting a 100-byte request cost gigabytes."""
+    import tensorflow as tf
+
+    count = int(np.prod(dims, dtype=np.int64))
+    if proto.tensor_content:
+        if dtype == tf.string:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': strings must come as string_val")
+        expected = count * np.dtype(dtype.as_numpy_dtype).itemsize
+        if len(proto.tensor_content) != expected:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"input '{key}': tensor_content has {len(proto.tensor_content)} bytes, "
+                         f"shape {dims} of {dtype.name} needs {expected}")
+        return
+    name = _value_field(dtype)
+    if name is None:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': {dtype.name} must come as tensor_content")
+    given = len(getattr(proto, name))
+    if given != count:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{key}': {given} values in {name} for shape {dims} ({count} values); "
+                     f"broadcasting or padding values is not accepted")
+
+
+def _check_kerasnuc_inputs(model, shapes):
+    """kerasnuc exports: images of 1 or 3 channels, one intensity range per image."""
+    if not model.meta:
+        return
+    image = shapes.get("image")
+    if image is not None and len(image) == 4 and image[-1] not in (1, 3):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input 'image': {image[-1]} channels in shape {image}; this model takes 1 (grey) or 3 (RGB)")
+    batches = {key: dims[0] for key, dims in shapes.items() if dims}
+    if len(set(batches.values())) > 1:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"inputs disagree on the batch size (first dimension): {batches}")
+
+
+def request_pixels(model, signature, shapes):
+    """Pixels a request costs: batch x height x width (padded to the model's multiple) x passes
+    of the signature, for its largest image-like (rank >= 3) input; 0 for inputs without pixels."""
+    largest, m = 0, model.multiple
+    for dims in shapes.values():
+        if len(dims) >= 3:
+            batch = int(np.prod(dims[:-3], dtype=np.int64))  # 1 for [height, width, channels]
+            height, width = -(-dims[-3] // m) * m, -(-dims[-2] // m) * m
+            largest = max(largest, batch * height * width)
+    return largest * model.passes(signature)
+
+
+def _decode_inputs(request, model, signature, max_elements, max_pixels=None):
+    """({key: ndarray}, pixel cost) from the request, checked against the signature and the
+    per-request pixel budget (else INVALID_ARGUMENT) before any value is decoded."""
     import tensorflow as tf
 
     specs = model.inputs[signature]
@@ -189,24 +442,40 @@ def _decode_inputs(request, model, signature, max_elements):
     if given != expected:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                      f"signature '{signature}' takes inputs {sorted(expected)}, request has {sorted(given)}")
-    tensors = {}
+    shapes = {}
     for key, spec in specs.items():
         proto = request.inputs[key]
-        dims = [d.size for d in proto.tensor_shape.dim]
-        if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) > max_elements:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': bad or too large shape {dims}")
-        try:
-            array = tf.make_ndarray(proto)
-        except Exception as error:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': cannot decode tensor ({error})") from None
-        if array.dtype != spec.dtype.as_numpy_dtype:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"input '{key}': expects {spec.dtype.name}, got {array.dtype.name}")
-        if not spec.shape.is_compatible_with(array.shape):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"input '{key}': expects shape {spec.shape.as_list()} (None = any), got {list(array.shape)}")
-        tensors[key] = tf.convert_to_tensor(array)
-    return tensors
+        if proto.dtype != spec.dtype.as_datatype_enum:
+            try:
+                got = tf.dtypes.as_dtype(proto.dtype).name
+            except TypeError:
+                got = f"dtype enum {proto.dtype}"
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{key}': expects {spec.dtype.name}, got {got}")
+        shapes[key] = _checked_dims(key, proto, spec, max_elements)
+        _check_values(key, proto, spec.dtype, shapes[key])
+    _check_kerasnuc_inputs(model, shapes)
+    cost = request_pixels(model, signature, shapes)
+    if max_pixels is not None and cost > max_pixels:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"request needs {cost / MPIX:.2f} Mpix (batch x padded height x width x passes), over "
+                     f"the {max_pixels / MPIX:g} Mpix per request (--max-request-mpix); send smaller tiles")
+
+    def decode():
+        arrays = {}
+        for key, spec in specs.items():
+            try:
+                array = tf.make_ndarray(request.inputs[key])
+            except Exception as error:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"input '{key}': cannot decode tensor ({_one_line(error)})") from None
+            if array.dtype != spec.dtype.as_numpy_dtype or list(array.shape) != shapes[key]:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"input '{key}': decodes to {array.dtype.name} {list(array.shape)}, "
+                             f"declared {spec.dtype.name} {shapes[key]}")
+            arrays[key] = array
+        return arrays
+
+    return decode, cost
 
 
 def _tf_error_code(error):
@@ -220,10 +489,39 @@ def _tf_error_code(error):
 
 
 class PredictionService:
-    """PredictionService: Predict and GetModelMetadata (Classify/Regress/MultiInference: UNIMPLEMENTED)."""
+    """PredictionService: Predict and GetModelMetadata (Classify/Regress/MultiInference: UNIMPLEMENTED).
 
-    def __init__(self, registry, max_elements):
+    ``stats`` counts what happened to requests: ``runs`` (model calls), ``cancelled`` (client
+    gone before its turn), and one entry per refusal code."""
+
+    def __init__(self, registry, max_elements, gate=None, max_request_pixels=None):
         self.registry, self.max_elements = registry, max_elements
+        self.gate = gate or Gate(8, 16, 64 * MPIX)
+        self.max_request_pixels = max_request_pixels
+        self.stats = Counter()
+        self._stats_lock = threading.Lock()
+
+    def _count(self, key):
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    def _run(self, model, signature, decode, cost, context):
+        """Run the model in the gate's turn; None when the client went away first."""
+        import tensorflow as tf
+
+        with self.gate.slot(cost, context.is_active) as turn:
+            if not turn or not context.is_active():
+                self._count("cancelled")
+                return None
+            inputs = {key: tf.convert_to_tensor(value) for key, value in decode().items()}
+            if not context.is_active():  # decoding a large request takes a while
+                self._count("cancelled")
+                return None
+            self._count("runs")
+            try:
+                return {key: value.numpy() for key, value in model.function(signature)(**inputs).items()}
+            except tf.errors.OpError as error:
+                raise _Abort(_tf_error_code(error), f"model rejected the input: {_one_line(error)}") from None
 
     def Predict(self, request, context):
         import tensorflow as tf
@@ -242,19 +540,19 @@ class PredictionService:
             if unknown:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"output_filter names {unknown} not among the outputs {sorted(outputs)}")
-            inputs = _decode_inputs(request, model, signature, self.max_elements)
-            try:
-                result = model.function(signature)(**inputs)
-            except tf.errors.OpError as error:
-                raise _Abort(_tf_error_code(error), f"{type(error).__name__}: {error.message}") from None
+            decode, cost = _decode_inputs(request, model, signature, self.max_elements, self.max_request_pixels)
+            result = self._run(model, signature, decode, cost, context)
+            if result is None:
+                context.abort(grpc.StatusCode.CANCELLED, "client went away before its turn; the model did not run")
             response = predict_pb2.PredictResponse()
             response.model_spec.name = model.name
             response.model_spec.version.value = model.version
             response.model_spec.signature_name = signature
             for key in wanted:
-                response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key].numpy()))
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key]))
             return response
         except _Abort as abort:
+            self._count(abort.code.name)
             context.abort(abort.code, abort.message)
 
     def GetModelMetadata(self, request, context):
@@ -307,26 +605,51 @@ class ModelService:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "reloading a config is not supported; the base is polled")
 
 
+SPARE_THREADS = 4  # handler threads beyond the admitted requests: metadata, status, quick refusals
+
+
 def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=64, poll_seconds=2.0,
-                  log=None):
-    """Start serving ``base``; returns (grpc server, bound port, registry). ``port`` 0 picks a free one."""
+                  log=None, max_inflight=None, max_queue=None, max_request_mpix=4.0, max_inflight_mpix=16.0):
+    """Start serving ``base``; returns (grpc server, bound port, registry). ``port`` 0 picks a free one.
+
+    ``threads`` is the default of ``max_inflight`` (requests running the model at once);
+    ``max_queue`` (default 2 x max_inflight) more may wait. The PredictionService is
+    ``server.predictions`` (its ``gate`` and ``stats``)."""
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+    max_inflight = int(max_inflight or threads)
+    max_queue = 2 * max_inflight if max_queue is None else int(max_queue)
+    if max_inflight_mpix < max_request_mpix:
+        raise ValueError(f"max_inflight_mpix ({max_inflight_mpix:g}) must be at least max_request_mpix "
+                         f"({max_request_mpix:g})")
+    gate = Gate(max_inflight, max_queue, int(max_inflight_mpix * MPIX))
     registry = ModelRegistry(base, poll_seconds, log).start()
     limit = int(max_message_mb * 2 ** 20)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="predict"),
+    handlers = max_inflight + max_queue + SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=handlers, thread_name_prefix="predict"),
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", max(limit, 256 * 2 ** 20))],
-                         maximum_concurrent_rpcs=threads * 8)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(registry, max_elements=limit), server)
+                         maximum_concurrent_rpcs=handlers)  # beyond: RESOURCE_EXHAUSTED from gRPC itself
+    service = PredictionService(registry, max_elements=limit, gate=gate,
+                                max_request_pixels=int(max_request_mpix * MPIX))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         registry.stop()
         raise OSError(f"cannot bind {host}:{port}")
+    server.predictions = service
     server.start()
     return server, bound, registry
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
 
 
 def main(argv=None):
@@ -335,18 +658,45 @@ def main(argv=None):
     parser.add_argument("--base", required=True, help="export base (folders <model>/<version>/)")
     parser.add_argument("--port", type=int, default=8500)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1 only)")
-    parser.add_argument("--threads", type=int, default=8, help="concurrent requests (thread pool size)")
-    parser.add_argument("--max-message-mb", type=float, default=64, dest="max_message_mb",
-                        help="largest request accepted, MiB (default 64)")
-    parser.add_argument("--poll", type=float, default=2.0, help="seconds between scans for new versions")
+    parser.add_argument("--threads", type=_positive(int), default=2,
+                        help="default of --max-inflight (kept for older command lines)")
+    parser.add_argument("--max-inflight", type=_positive(int), dest="max_inflight",
+                        help="requests running the model at once (default --threads, 2)")
+    parser.add_argument("--max-queue", type=int, dest="max_queue",
+                        help="requests waiting for a turn beyond those (default 2 x --max-inflight)")
+    parser.add_argument("--max-request-mpix", type=_positive(float), default=4.0, dest="max_request_mpix",
+                        help="largest request: batch x padded height x width x passes, Mpix (default 4)")
+    parser.add_argument("--max-inflight-mpix", type=_positive(float), default=16.0, dest="max_inflight_mpix",
+                        help="pixels of all admitted requests together, Mpix (default 16)")
+    parser.add_argument("--max-message-mb", type=_positive(float), default=64, dest="max_message_mb",
+                        help="largest request message accepted, MiB (default 64)")
+    parser.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between scans for new versions")
+    parser.add_argument("--onednn", action="store_true",
+                        help="keep TensorFlow's oneDNN kernels (faster on CPU, RSS grows per input shape)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.base):
         sys.exit(f"serving.server: {args.base}: export base not found")
-    server, port, registry = create_server(args.base, args.host, args.port, args.threads,
-                                           args.max_message_mb, args.poll)
+    if args.max_queue is not None and args.max_queue < 0:
+        sys.exit(f"serving.server: --max-queue must be 0 or more, got {args.max_queue}")
+    if args.max_inflight_mpix < args.max_request_mpix:
+        sys.exit(f"serving.server: --max-inflight-mpix {args.max_inflight_mpix:g} is below "
+                 f"--max-request-mpix {args.max_request_mpix:g}; no request of the largest size could run")
+    if "tensorflow" not in sys.modules:  # must be set before TensorFlow loads
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if args.onednn else "0")
+    try:
+        server, port, registry = create_server(args.base, args.host, args.port, args.threads,
+                                               args.max_message_mb, args.poll, max_inflight=args.max_inflight,
+                                               max_queue=args.max_queue, max_request_mpix=args.max_request_mpix,
+                                               max_inflight_mpix=args.max_inflight_mpix)
+    except OSError as error:
+        sys.exit(f"serving.server: {error}")
     models = registry.models()
+    gate = server.predictions.gate
     print(f"serving.server: listening on {args.host}:{port}; models: "
-          + (", ".join(f"{m.name} v{m.version}" for m in models.values()) or "none yet (polling)"), flush=True)
+          + (", ".join(f"{m.name} v{m.version}" for m in models.values()) or "none yet (polling)")
+          + f"; {gate.max_inflight} running + {gate.max_queue} queued, {args.max_request_mpix:g} Mpix per "
+            f"request, {args.max_inflight_mpix:g} Mpix in flight; oneDNN "
+          + ("on" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0" else "off"), flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
