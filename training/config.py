@@ -75,6 +75,15 @@ class FitConfig:
     """k-fold cross-validation: 0 for one train/val/test split, K >= 2 for K folds (mean +- std)."""
     stain: dict = field(default_factory=dict)
     """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"}; empty: none."""
+    max_pixels: int = 2 ** 28
+    """Largest image (height x width pixels) read whole into memory, checked from the file header
+    before decoding (kerasnuc.data.validation); lazily read slides are not limited."""
+    bit_depth: object = "auto"
+    """Bits of the data in images stored in more than 8 bits: 'auto' (the smallest of 8/10/12/14/16
+    that holds each image's maximum) or a number such as 12; scaled to 8 bits by that range."""
+    binary_labels: str = "error"
+    """A label image that is a binary mask with several blobs: 'error', or 'components' to number
+    its 8-connected blobs as nuclei."""
     time_budget: float = 0.0
     """Minutes of training allowed for each model (each fold); training stops after the
     epoch that would overrun it. 0: no limit. For CPU-budget runs of long recipes."""
@@ -93,6 +102,9 @@ class FitConfig:
             raise ValueError(f"unknown model '{self.model}'; available: {', '.join(models.available())}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        from kerasnuc.data.validation import InputPolicy
+
+        InputPolicy.from_options(self.max_pixels, self.bit_depth, self.binary_labels)  # ValueError if invalid
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.time_budget < 0:

@@ -25,6 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from kerasnuc.data import validation  # noqa: E402
+
 SPLITS = ("test", "val")
 TTA_MERGES = ("mean", "vote")
 VOTE_IOU = 0.2
@@ -64,16 +66,35 @@ def dataset_name(spec):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{fmt}-{base}")
 
 
-def select_records(run, data=None, split="test"):
-    """(records, description): the run's ``split`` images, or every image of dataset ``data``."""
+def run_policy(run, **overrides):
+    """The input policy training read the run's data with (config.json), with ``overrides`` (None: keep)."""
+    from kerasnuc.data.validation import InputPolicy
+
+    config = run.config
+    try:
+        return InputPolicy.from_options(config.get("max_pixels"), config.get("bit_depth"),
+                                        config.get("binary_labels")).override(**overrides)
+    except ValueError as error:
+        raise EvaluationError(f"{run.path}: input policy: {error}") from None
+
+
+def select_records(run, data=None, split="test", policy=None, skipped=None):
+    """(records, description): the run's ``split`` images, or every image of dataset ``data``.
+
+    ``policy``: the :class:`~kerasnuc.data.validation.InputPolicy` to read them with (default:
+    the run's). With a ``skipped`` list, bad inputs are noted there and left out (their split
+    names are then not missing) instead of stopping the evaluation.
+    """
     from kerasnuc.data import load_dataset
     from kerasnuc.data.imageio import DataError
 
+    policy = policy or run_policy(run)
+    read = {"policy": policy, "skipped": skipped}
     try:
         if data:
-            records = load_dataset(data)
+            records = load_dataset(data, **read)
             if not records:
-                raise EvaluationError(f"dataset {data}: no images")
+                raise EvaluationError(f"dataset {data}: no images" + _skipped_note(skipped))
             description = {"data": data, "split": None}
         else:
             if split not in run.split or not isinstance(run.split.get(split), list):
@@ -86,14 +107,23 @@ def select_records(run, data=None, split="test"):
             wanted = set(names)
             pool = []
             if any(not n.startswith("test:") for n in names):
-                pool += load_dataset(run.config["data"])
+                pool += load_dataset(run.config["data"], **read)
             if any(n.startswith("test:") for n in names):
                 if not run.config.get("test_data"):
                     raise EvaluationError(f"{run.path}: split '{split}' names 'test:' images but config.json "
                                           "has no test_data")
-                for record in load_dataset(run.config["test_data"]):
+                before = len(skipped) if skipped is not None else 0
+                for record in load_dataset(run.config["test_data"], **read):
                     record.name = f"test:{record.name}"
                     pool.append(record)
+                for entry in (skipped or [])[before:]:
+                    entry["name"] = f"test:{entry['name']}"
+            if skipped is not None:  # bad inputs of the split are reported as skipped, not missing
+                gone = {entry["name"] for entry in skipped}
+                skipped[:] = [entry for entry in skipped if entry["name"] in wanted]
+                names = [n for n in names if n not in gone]
+                if not names:
+                    raise EvaluationError(f"split '{split}': no images left" + _skipped_note(skipped))
             by_name = {r.name: r for r in pool if r.name in wanted}
             missing = [n for n in names if n not in by_name]
             if missing:
@@ -113,6 +143,12 @@ def select_records(run, data=None, split="test"):
                 record.image = normaliser.transform(record.image)
         description["stain"] = run.stain.get("method")
     return records, description
+
+
+def _skipped_note(skipped):
+    if not skipped:
+        return ""
+    return f" ({len(skipped)} skipped as bad, e.g. {skipped[0]['error']})"
 
 
 # ---------------------------------------------------------------------------- predictions
@@ -429,7 +465,7 @@ def default_out(run, data=None, split="test", tta=False, tta_merge="mean"):
 
 
 def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, out=None,
-                 tta_merge="mean", progress_every=10, limit=None, log=None):
+                 tta_merge="mean", progress_every=10, limit=None, log=None, policy=None, skip_bad=False):
     """Evaluate ``run_dir``'s model; returns the metrics dict that is also written to
     ``out/metrics.json`` (with ``out``/``report`` keys giving where everything went).
 
@@ -438,7 +474,11 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     8 views' instances by majority vote at IoU > 0.2 instead. ``mc_samples``: stochastic
     passes for MC-dropout models (default: config.json's mc_samples; ignored otherwise).
     ``out``: default ``RUN/eval-<split or dataset>[-tta|-tta-vote]/``. ``limit``: only the
-    first ``limit`` images (a quick look; recorded in the options).
+    first ``limit`` images (a quick look; recorded in the options). ``policy``: the
+    :class:`~kerasnuc.data.validation.InputPolicy` for reading the images (default: the run's,
+    as training read them). ``skip_bad``: leave out unreadable or invalid inputs and list them
+    (file and reason) in metrics.json's ``skipped_inputs`` and report.md; otherwise the first
+    one stops the evaluation with an error naming the file, before anything is written.
     """
     log = log or (lambda message: print(message, flush=True))
     started = time.time()
@@ -454,7 +494,12 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     task = run.task
     if tta_merge == "vote" and task != "segmentation":
         raise EvaluationError(f"--tta-merge vote merges instances: segmentation runs only (this run: {task})")
-    records, description = select_records(run, data, split)
+    skipped = [] if skip_bad else None
+    policy = policy or run_policy(run)
+    records, description = select_records(run, data, split, policy, skipped)
+    if skipped:
+        log(f"skipped {len(skipped)} bad input{'s' if len(skipped) > 1 else ''}: "
+            + "; ".join(entry["error"] for entry in skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
     if limit:
         records = records[:int(limit)]
     out = os.path.abspath(out or default_out(run, data, split, tta, tta_merge))
@@ -488,7 +533,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
 
     options = {"tta": bool(tta), "tta_transforms": settings.transforms,
                "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
-               "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None}
+               "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None,
+               "input_policy": policy.to_dict(), "skip_bad": bool(skip_bad)}
     if task == "segmentation":
         params = dict((run.thresholds.get("postprocess") or {}))
         if not params:
@@ -524,7 +570,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     result = _finite({
         "run": run.path, "task": task, "model": run.config["model"], "model_config": run.config.get("model_config"),
         "parameters": int(model.count_params()), **description, "images": len(records), "options": options,
-        **metrics, "seconds": round(time.time() - started, 1), "kerasnuc_version": __version__,
+        **metrics, "skipped_inputs": skipped or [],
+        "seconds": round(time.time() - started, 1), "kerasnuc_version": __version__,
         "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
     _write_outputs(out, result, records, artifacts, log)
@@ -562,6 +609,7 @@ def _write_outputs(out, result, records, artifacts, log):
         result["out"] = out
         write_json_atomic(os.path.join(tmp, "metrics.json"), result)
         report.write_report(os.path.join(tmp, "report.md"), result, figures)
+        _append_skipped(os.path.join(tmp, "report.md"), result.get("skipped_inputs"))
         old = None
         if os.path.exists(out):
             old = os.path.join(parent, f".{os.path.basename(out)}.old{os.getpid()}")
@@ -575,6 +623,20 @@ def _write_outputs(out, result, records, artifacts, log):
     result["report"] = os.path.join(out, "report.md")
     log(f"wrote {out}/: metrics.json, report.md" + (", " + ", ".join(result["figures"]) if result["figures"] else ""))
     log("summary: " + summary_line(result))
+
+
+def _append_skipped(report_path, skipped):
+    """A 'Skipped inputs' section (file and reason of each) at the end of report.md."""
+    if not skipped:
+        return
+    lines = ["", "## Skipped inputs", "", f"{len(skipped)} input{'s were' if len(skipped) > 1 else ' was'} "
+             "left out as unreadable or invalid (--skip-bad):", "", "| file | reason |", "|---|---|"]
+    for entry in skipped:
+        reason = entry["error"]
+        reason = reason[len(entry["file"]) + 2:] if reason.startswith(entry["file"] + ": ") else reason
+        lines.append(f"| {entry['file']} | {reason.replace('|', '/')} |")
+    with open(report_path, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def summary_line(result):
@@ -613,6 +675,7 @@ def build_parser():
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (a quick look)")
     parser.add_argument("--progress-every", type=int, default=10, dest="progress_every", metavar="N",
                         help="print a progress line every N images (default 10)")
+    validation.add_arguments(parser, labels=True, skip_bad=True, default_note=", or the run's")
     return parser
 
 
@@ -621,9 +684,11 @@ def main(argv=None):
     if args.data and args.split:
         sys.exit("training.evaluate: give --split or --data, not both")
     try:
+        run = load_run(args.run_dir)
         evaluate_run(args.run_dir, data=args.data, split=args.split or "test", tta=args.tta,
                      mc_samples=args.mc_samples, out=args.out, tta_merge=args.tta_merge,
-                     progress_every=args.progress_every, limit=args.limit)
+                     progress_every=args.progress_every, limit=args.limit,
+                     policy=run_policy(run, **validation.policy_overrides(args)), skip_bad=args.skip_bad)
     except EvaluationError as error:
         sys.exit(f"training.evaluate: {error}")
     return 0

@@ -57,6 +57,9 @@ def build_parser():
     parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
                         help=docs["time_budget"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
+    from kerasnuc.data import validation
+
+    validation.add_arguments(parser, labels=True, default_note=", or the config file's")
     parser.add_argument("--out", help=docs["out"])
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     return parser
@@ -93,8 +96,11 @@ def run(config, overwrite=False, log=None):
     keras.utils.set_random_seed(config.seed)
     log(f"kerasnuc {__version__}, Keras {keras.__version__} ({keras.backend.backend()}), precision {policy}")
     try:
-        records = load_dataset(config.data)
-        test_records = load_dataset(config.test_data) if config.test_data else []
+        from kerasnuc.data.validation import InputPolicy
+
+        input_policy = InputPolicy.from_options(config.max_pixels, config.bit_depth, config.binary_labels)
+        records = load_dataset(config.data, policy=input_policy)
+        test_records = load_dataset(config.test_data, policy=input_policy) if config.test_data else []
     except DataError as error:
         sys.exit(f"training.fit: {error}")
     if config.stain:

@@ -89,9 +89,12 @@ class InputPolicy:
 
     @classmethod
     def from_options(cls, max_pixels=None, bit_depth=None, binary_labels=None):
-        """A policy from optional settings (None: the default), e.g. from CLI flags or a config."""
-        given = {"max_pixels": max_pixels, "bit_depth": bit_depth, "binary_labels": binary_labels}
-        return cls(**{key: value for key, value in given.items() if value is not None})
+        """A policy from optional settings (None: the default), e.g. from a run's config."""
+        return cls().override(max_pixels=max_pixels, bit_depth=bit_depth, binary_labels=binary_labels)
+
+    def override(self, **given):
+        """This policy with the settings given replaced (None: keep this one's)."""
+        return InputPolicy(**{**self.to_dict(), **{key: value for key, value in given.items() if value is not None}})
 
     def to_dict(self):
         return {"max_pixels": self.max_pixels, "bit_depth": self.bit_depth, "binary_labels": self.binary_labels}
@@ -222,8 +225,11 @@ def add_arguments(parser, labels=True, skip_bad=False, default_note=""):
     return group
 
 
+def policy_overrides(args):
+    """{setting: value} of the ``add_arguments`` flags given on a command line (not given: None)."""
+    return {key: getattr(args, key, None) for key in DEFAULT.to_dict()}
+
+
 def policy_from_args(args, fallback=None):
     """The policy of parsed ``add_arguments`` flags; flags not given take ``fallback``'s values."""
-    base = (fallback or DEFAULT).to_dict()
-    given = {key: getattr(args, key, None) for key in base}
-    return InputPolicy(**{key: base[key] if value is None else value for key, value in given.items()})
+    return (fallback or DEFAULT).override(**policy_overrides(args))
