@@ -118,8 +118,9 @@ def test_cli_writes_every_format_and_qupath_geojson(trained_run, dsb_test_images
         os.symlink(path, folder / os.path.basename(path))
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    code = cli.main([trained_run, str(folder), "--out", str(out), "--image-mpp", "0.5"])
-    assert code == 1  # broken.png failed, the others went on
+    code = cli.main([trained_run, str(folder), "--out", str(out), "--image-mpp", "0.5", "--skip-bad"])
+    assert code == 0  # broken.png skipped and listed, the others went on
+    assert [e["file"] for e in json.load(open(out / "skipped.json"))["skipped"]] == [str(folder / "broken.png")]
     stem = os.path.splitext(os.path.basename(dsb_test_images[0][0]))[0]
     labels = cv2.imread(str(out / f"{stem}_labels.tif"), cv2.IMREAD_UNCHANGED)
     import tifffile

@@ -11,8 +11,10 @@ are reported in level-0 pixels. Per image ``<stem>`` it writes
 ``<stem>_labels.tif`` (uint32 instance labels; ``--labels-ext png`` for 16-bit PNG),
 ``<stem>.geojson`` (QuPath detections with measurements), ``<stem>_nuclei.csv`` and
 ``<stem>_overlay.png``. Files are written atomically; outputs that already exist are skipped
-unless ``--overwrite``; an unreadable input is reported by name and the others go on (the
-exit code is 1 if any failed).
+unless ``--overwrite``. A bad input (unreadable, truncated, over ``--max-pixels``) stops the
+run with one error naming it and exit code 1 (the finished images' files are whole, the
+unfinished ones removed); with ``--skip-bad`` it is skipped and listed (file and reason) in
+the summary and in ``skipped.json`` in the output folder, and the others go on.
 """
 
 import argparse
@@ -121,6 +123,9 @@ def main(argv=None):
                         help="join this Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --dask)")
     parser.add_argument("--dask-workers", type=int, metavar="N",
                         help="worker processes of the local Dask cluster (default: one per two cores)")
+    from kerasnuc.data import validation
+
+    validation.add_arguments(parser, labels=False, skip_bad=True)
     args = parser.parse_args(argv)
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
@@ -151,7 +156,8 @@ def main(argv=None):
             skipped.append(path)
         else:
             todo.append((path, targets))
-    views = [functools.partial(open_view, path, args.mpp, model_mpp, args.image_mpp) for path, _ in todo]
+    policy = validation.policy_from_args(args)
+    views = [functools.partial(open_view, path, args.mpp, model_mpp, args.image_mpp, policy) for path, _ in todo]
     from rich.progress import Progress
 
     written, failed, nuclei = [], [], 0
@@ -159,11 +165,12 @@ def main(argv=None):
     started = time.perf_counter()
 
     def fail(index, error):
-        failed.append(todo[index][0])
+        failed.append({"file": todo[index][0], "error": str(error)})
         broken.add(index)
         if index in outputs:
             outputs.pop(index).abort()
-        progress.console.print(f"kerasnuc.predict: {error}", style="red")
+        if args.skip_bad:
+            progress.console.print(f"kerasnuc.predict: skipped {error}", style="red")
 
     with Progress(transient=True) as progress:
         files = progress.add_task("images", total=len(todo))
@@ -177,6 +184,8 @@ def main(argv=None):
                 error = result.error
                 fail(index, error if isinstance(error, (OSError, ValueError)) else f"{path}: {error!r}")
                 progress.advance(files)
+                if not args.skip_bad:
+                    break  # the first bad input stops the run (reported below)
                 continue
             try:
                 if index not in outputs:
@@ -196,15 +205,25 @@ def main(argv=None):
             except (OSError, ValueError) as error:
                 fail(index, error)
                 progress.advance(files)
+                if not args.skip_bad:
+                    break
     for leftover in outputs.values():
         leftover.abort()
+    if failed and not args.skip_bad:
+        getattr(predictor, "close", lambda: None)()
+        sys.exit(f"kerasnuc.predict: {failed[0]['error']} (stopped; --skip-bad skips bad inputs)")
     elapsed = time.perf_counter() - started
     print(f"{len(todo) - len(failed)} images, {nuclei} nuclei in {elapsed:.1f} s; "
           f"{len(written)} files written to {args.out}"
           + (f"; {len(skipped)} skipped (outputs exist; --overwrite to redo)" if skipped else "")
-          + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+          + (f"; {len(failed)} skipped as bad: {', '.join(f['file'] for f in failed)} (see skipped.json)"
+             if failed else ""))
     getattr(predictor, "close", lambda: None)()  # a Dask client and its local cluster
-    return 1 if failed else 0
+    if args.skip_bad:
+        from kerasnuc.runs import write_json_atomic
+
+        write_json_atomic(os.path.join(args.out, "skipped.json"), {"skipped": failed})
+    return 0
 
 
 if __name__ == "__main__":

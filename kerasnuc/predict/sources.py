@@ -352,10 +352,11 @@ def _openslide_slide(path):
                  close=slide.close)
 
 
-def open_view(path, mpp=None, model_mpp=None, image_mpp=None):
+def open_view(path, mpp=None, model_mpp=None, image_mpp=None, policy=None):
     """A view of an image file at the pixel size to predict at: ``mpp``, else the model's
     ``model_mpp``. The file's own pixel size is read from it or given as ``image_mpp``; without
-    it (or without a target) the image is used as it is. Slides are read lazily."""
+    it (or without a target) the image is used as it is. Slides are read lazily; other images
+    whole, under ``policy`` (:class:`~kerasnuc.data.validation.InputPolicy`: pixel limit, bit depth)."""
     from kerasnuc.data.imageio import read_image
 
     path = os.fspath(path)
@@ -364,7 +365,7 @@ def open_view(path, mpp=None, model_mpp=None, image_mpp=None):
         slide = open_slide(path)
         slide.mpp = slide.mpp or image_mpp
         return slide.view(mpp=target if target and slide.mpp else None)
-    image = read_image(path)
+    image = read_image(path, policy=policy)
     if target and image_mpp and abs(target / image_mpp - 1) > 0.01:
         return Slide.from_array(image, path, image_mpp).view(mpp=target)
     return ArrayView(image, path, image_mpp)
