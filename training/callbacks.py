@@ -66,5 +66,9 @@ def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budge
     ]
     if time_budget:
         callbacks.append(TimeBudget(time_budget, log))
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+    # shuffle=False: the batches are random draws already; Keras' shuffling of their order
+    # (Python's random) would make the weights depend on how many passes it makes, and
+    # those differ with --distribute.
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0,
+                        shuffle=False)
     return history.history

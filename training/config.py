@@ -90,6 +90,10 @@ class FitConfig:
     mc_samples: int = 10
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
     workers: int = 1
+    distribute: str = "none"
+    """Data-parallel training: none, auto, data_parallel (JAX: keras.distribution over all
+    devices/hosts), mirrored (TensorFlow: all GPUs of the machine) or multi_worker
+    (TensorFlow: several machines, TF_CONFIG). batch_size is the global batch."""
     out: str = ""
     """Run directory; empty means runs/<model>-<timestamp>."""
 
@@ -109,6 +113,9 @@ class FitConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
+        from training.distribute import check_choice
+
+        check_choice(self.distribute)
         for name in ("epochs", "batch_size", "tile"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

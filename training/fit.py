@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def build_parser():
     from training.config import PRECISIONS, TASKS, field_help
+    from training.distribute import CHOICES
 
     docs = field_help()
     parser = argparse.ArgumentParser(
@@ -57,6 +58,7 @@ def build_parser():
     parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
                         help=docs["time_budget"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
+    parser.add_argument("--distribute", choices=CHOICES, help=docs["distribute"])
     from kerasnuc.data import validation
 
     validation.add_arguments(parser, labels=True, default_note=", or the config file's")
@@ -88,10 +90,15 @@ def run(config, overwrite=False, log=None):
     from kerasnuc.data.imageio import DataError
     from kerasnuc.data.splits import kfold_splits, train_val_test_split
     from training.config import default_run_dir
+    from training.distribute import distribution_scope
     from training.precision import accelerator_name, apply_precision
     from training.rundir import RunDirectory
 
     started = time.time()
+    try:  # first: multi-worker TensorFlow and multi-host JAX set up their collectives before anything runs
+        scope = distribution_scope(config.distribute, config.batch_size, log)
+    except ValueError as error:
+        sys.exit(f"training.fit: {error}")
     policy = apply_precision(config.precision)
     keras.utils.set_random_seed(config.seed)
     log(f"kerasnuc {__version__}, Keras {keras.__version__} ({keras.backend.backend()}), precision {policy}")
@@ -138,10 +145,11 @@ def run(config, overwrite=False, log=None):
 
     task = _task_module(config.task)
     try:
-        if len(splits) == 1:
-            summary = task.run_task(config, run_dir, records, split, log)
-        else:
-            summary = _cross_validate(task, config, run_dir, records, splits, log)
+        with scope:  # the model is built, trained and evaluated under the --distribute strategy
+            if len(splits) == 1:
+                summary = task.run_task(config, run_dir, records, split, log)
+            else:
+                summary = _cross_validate(task, config, run_dir, records, splits, log)
     except BaseException:
         log(f"training.fit: run failed; partial results kept in {run_dir.path} (never used as a run)")
         raise

@@ -1,0 +1,146 @@
+"""Data-parallel training across devices and machines, chosen by ``--distribute``.
+
+* ``data_parallel`` (KERAS_BACKEND=jax): ``keras.distribution.DataParallel`` over
+  ``keras.distribution.list_devices()``; every batch is split along its first axis over
+  the devices, variables are replicated. Several machines: set
+  ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator's host:port first),
+  ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and ``KERAS_DISTRIBUTION_PROCESS_ID`` on each;
+  ``keras.distribution.initialize()`` then joins them before anything runs on a device.
+* ``mirrored`` (tensorflow): ``tf.distribute.MirroredStrategy`` over the machine's GPUs
+  (its logical CPUs when it has none).
+* ``multi_worker`` (tensorflow): ``tf.distribute.MultiWorkerMirroredStrategy``, one
+  process per machine, each reading its cluster and its own index from ``TF_CONFIG``.
+* ``auto``: data_parallel on JAX and mirrored on TensorFlow when there is more than one
+  accelerator, else none.
+
+``batch_size`` stays the global batch in every mode: each of N replicas gets
+``batch_size / N`` crops, so one step sees the same crops as on one device (the batch must
+be divisible by N). The model is built, compiled, trained and evaluated inside the
+returned scope (training.fit does that in one place).
+"""
+
+import contextlib
+import json
+import os
+
+CHOICES = ("none", "auto", "data_parallel", "mirrored", "multi_worker")
+BACKEND_OF = {"data_parallel": "jax", "mirrored": "tensorflow", "multi_worker": "tensorflow"}
+JAX_CLUSTER_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                         "KERAS_DISTRIBUTION_PROCESS_ID")
+
+
+def check_choice(choice, backend=None):
+    """ValueError (one line) when ``choice`` is unknown or needs another Keras backend."""
+    if choice not in CHOICES:
+        raise ValueError(f"distribute must be one of {CHOICES}, got '{choice}'")
+    needed = BACKEND_OF.get(choice)
+    if needed is None:
+        return
+    if backend is None:
+        import keras
+
+        backend = keras.backend.backend()
+    if backend != needed:
+        raise ValueError(f"distribute '{choice}' needs KERAS_BACKEND={needed}, but Keras runs on {backend}"
+                         + ("; use mirrored or multi_worker there" if needed == "jax" else
+                            "; use data_parallel there"))
+
+
+def _accelerators(backend):
+    """How many GPUs/TPUs the backend sees (for 'auto')."""
+    if backend == "jax":
+        import jax
+
+        return sum(d.platform != "cpu" for d in jax.devices())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    return 0
+
+
+def resolve_choice(choice, backend=None):
+    """'auto' -> data_parallel (JAX) / mirrored (TensorFlow) with 2+ accelerators, else 'none'."""
+    import keras
+
+    backend = backend or keras.backend.backend()
+    check_choice(choice, backend)
+    if choice != "auto":
+        return choice
+    if backend in ("jax", "tensorflow") and _accelerators(backend) > 1:
+        return "data_parallel" if backend == "jax" else "mirrored"
+    return "none"
+
+
+def _check_batch(batch_size, replicas, what):
+    if batch_size % replicas:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {replicas} replicas of {what} "
+                         "(it is the global batch, split evenly)")
+
+
+def _jax_scope(batch_size, log):
+    """DataParallel over every device of the cluster (joined first when its variables are set)."""
+    import keras
+
+    given = [name for name in JAX_CLUSTER_VARIABLES if os.environ.get(name)]
+    if given:
+        if len(given) < len(JAX_CLUSTER_VARIABLES):
+            missing = sorted(set(JAX_CLUSTER_VARIABLES) - set(given))
+            raise ValueError(f"data_parallel on several machines needs all of {', '.join(JAX_CLUSTER_VARIABLES)}; "
+                             f"missing {', '.join(missing)}")
+        keras.distribution.initialize()
+    devices = keras.distribution.list_devices()
+    distribution = keras.distribution.DataParallel(devices=devices)
+    processes = getattr(distribution, "num_processes", 1) or 1
+    _check_batch(batch_size, len(devices), "data_parallel")
+    if processes > 1:
+        import jax
+
+        log(f"distribute: data_parallel, process {jax.process_index()} of {processes}, "
+            f"{len(devices)} devices in all, global batch {batch_size}")
+    else:
+        log(f"distribute: data_parallel over {len(devices)} devices ({', '.join(map(str, devices))}), "
+            f"{batch_size // len(devices)} crops per device")
+    return distribution.scope()
+
+
+def _tf_strategy(choice):
+    """The tf.distribute strategy of ``choice`` (created before TensorFlow runs anything)."""
+    import tensorflow as tf
+
+    if choice == "multi_worker":
+        text = os.environ.get("TF_CONFIG", "")
+        try:
+            cluster = json.loads(text) if text else None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"TF_CONFIG is not valid JSON ({error})") from None
+        if not isinstance(cluster, dict) or "cluster" not in cluster or "task" not in cluster:
+            raise ValueError("distribute multi_worker needs TF_CONFIG with 'cluster' and 'task' "
+                             "(see README, Scale-out)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def distribution_scope(choice, batch_size, log=print):
+    """Set up ``choice`` and return the context manager to build, compile and fit the model in.
+
+    Called before TensorFlow or JAX run anything (multi-worker TensorFlow and multi-host
+    JAX must configure their collectives first). Raises ValueError (one line) for a
+    choice that does not fit the backend, a missing cluster description or a global batch
+    that does not split evenly.
+    """
+    import keras
+
+    choice = resolve_choice(choice)
+    if choice == "none":
+        return contextlib.nullcontext()
+    if keras.backend.backend() == "jax":
+        return _jax_scope(batch_size, log)
+    strategy = _tf_strategy(choice)
+    replicas = strategy.num_replicas_in_sync
+    _check_batch(batch_size, replicas, choice)
+    log(f"distribute: {choice}, {replicas} replicas ({type(strategy).__name__}), "
+        f"{batch_size // replicas} crops per replica")
+    return strategy.scope()
