@@ -105,7 +105,7 @@ class InputPolicy:
         if pixels > self.max_pixels:
             size = " x ".join(str(int(s)) for s in shape)
             raise DataError(f"{path}: {size} = {_megapixels(pixels)} exceeds the {_megapixels(self.max_pixels)} "
-                            f"pixel limit; raise it with --max-pixels (max_pixels=)")
+                            f"pixel limit; raise it with --max-pixels")
 
 
 DEFAULT = InputPolicy()
@@ -178,8 +178,7 @@ def check_instance_labels(labels, path, policy=None):
     if policy.binary_labels == "components":
         return components.astype(np.int32)
     raise DataError(f"{path}: looks like a binary mask, not instance labels ({count} separate blobs all with "
-                    f"id {top}); number the blobs as nuclei with --binary-labels components "
-                    f"(binary_labels='components')")
+                    f"id {top}); number the blobs as nuclei with --binary-labels components")
 
 
 # ---------------------------------------------------------------------------- skipping bad inputs
