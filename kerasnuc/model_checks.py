@@ -42,9 +42,10 @@ def _text(shape):
     return "(" + ", ".join("N" if i == 0 else ("?" if s is None else str(s)) for i, s in enumerate(shape)) + ")"
 
 
-def shape_problems(task, channels, input_shape, output_shape, num_classes=None):
+def shape_problems(task, channels, input_shape, output_shape, num_classes=None, claimed_by="config"):
     """What is wrong with a model's (input, output) shapes for ``task``: a list of phrases
-    (empty when they fit). ``None`` / -1 sizes are unknown and always fit."""
+    (empty when they fit). ``None`` / -1 sizes are unknown and always fit. ``claimed_by``
+    names where task and channels come from (config, metadata)."""
     if task not in TASKS:
         return [f"task '{task}' is none of {', '.join(TASKS)}"]
     problems = []
@@ -52,7 +53,7 @@ def shape_problems(task, channels, input_shape, output_shape, num_classes=None):
     if len(inp) != 4:
         problems.append(f"the model takes {_text(inp)} input, not images (N, H, W, C)")
     elif channels is not None and inp[-1] is not None and inp[-1] != int(channels):
-        problems.append(f"config channels {channels} but the model takes {inp[-1]}-channel input")
+        problems.append(f"{claimed_by} channels {channels} but the model takes {inp[-1]}-channel input")
     if task in DENSE_TASKS:
         what = "per-pixel probability maps" if task == "segmentation" else "per-pixel density maps"
         if len(out) != 4:
@@ -114,13 +115,15 @@ def family_problems(task, config_model, model_name):
 
 def probe_batch(task, channels, input_shape, multiple=1, patch=32, seed=0):
     """A small random normalised batch the model must accept: 2 images of its fixed size, or
-    (dense models with any size) a non-square 2u x 3u with u >= 16 a multiple of ``multiple``
-    (a transposed or rescaled map shows), or classifiers' patch x patch."""
+    (dense models taking any size) a non-square k x (k + 2) ``multiple``s with k odd and the
+    sides >= 16 (a transposed or rescaled map shows, and so does a model needing a larger
+    multiple than the config's depth gives), or classifiers' patch x patch."""
     shape = _shape(input_shape)
     height, width = shape[1:3] if len(shape) == 4 else (None, None)
     if task in DENSE_TASKS:
-        unit = -(-max(16, multiple) // multiple) * multiple
-        height, width = height or 2 * unit, width or 3 * unit
+        k = max(1, -(-16 // multiple))
+        k += 1 - k % 2
+        height, width = height or k * multiple, width or (k + 2) * multiple
     else:
         height, width = height or int(patch), width or int(patch)
     return np.random.default_rng(seed).random((2, height, width, int(channels))).astype(np.float32)
@@ -147,8 +150,8 @@ def check_keras_model(model, config, where, class_names=(), multiple=1):
             out = keras.ops.convert_to_numpy(model(x, training=False))
         except Exception as error:  # noqa: BLE001  (any failure here means the model does not fit)
             detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            problems.append(f"the model fails on a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} input "
-                            f"(input multiple {multiple} from the config): {detail}")
+            sizes = f" (sides multiples of {multiple} = 2**depth of config.json)" if task in DENSE_TASKS else ""
+            problems.append(f"the model fails on a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} input{sizes}: {detail}")
         else:
             problems += value_problems(task, x, out)
     if problems:

@@ -140,6 +140,9 @@ def read_run(run_dir):
         if os.path.isdir(path + ".incomplete"):
             raise RunError(f"{path}: run is incomplete ({path}.incomplete exists: training is still "
                                   "running or crashed)")
+        if os.path.isfile(path):
+            raise RunError(f"{path}: a file, not a run directory (give the folder holding model.keras "
+                           "and config.json)")
         raise RunError(f"{path}: run directory not found")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path) and os.path.isfile(os.path.join(os.path.dirname(path), "config.json")) \

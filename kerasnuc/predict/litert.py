@@ -91,7 +91,7 @@ class LiteModel:
 
         problems = shape_problems(self.meta.get("task"), self.meta.get("channels"),
                                   self.input["shape_signature"], self.output["shape_signature"],
-                                  len(self.meta.get("class_names") or ()) or None)
+                                  len(self.meta.get("class_names") or ()) or None, claimed_by="metadata")
         if problems:
             raise ValueError(f"{self.path}: the model does not match its metadata: " + "; ".join(problems))
 
