@@ -8,6 +8,11 @@ version: newest existing + 1). The SavedModel is first written to a hidden stagi
 renamed into place when complete. The base also gets ``models.config``,
 ``batching_parameters.txt`` and ``compose.yaml`` (see :mod:`export.deploy`).
 
+Before anything is written the model must fit what the run's config.json claims (task,
+channels, classes, model family: :mod:`kerasnuc.model_checks`); a broken run folder, a corrupt
+``model.keras`` or a mismatch is one line naming the run and the problem, exit status 1, and a
+failed export leaves no folder behind.
+
 Signatures (inputs are uint8 pixels; normalisation happens in the graph, exactly as
 ``kerasnuc.intensity.normalize_image``: per-image min-max, RGB <-> grey conversion):
 

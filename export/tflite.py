@@ -25,6 +25,11 @@ and the metadata records ``tflite.static_input``; ``serving.edge`` runs images i
 tiles (margin ``tile_margin``, lowered to fit) and batches as batch-1 calls, and so does
 the report, whose maps and latencies are then the tiled ones.
 
+Checks: the model must fit what the run's config.json claims (task, channels, classes, model
+family: :mod:`kerasnuc.model_checks`) before anything is converted; the files are written in
+a hidden staging folder and moved into place when all four are complete, so a failed export
+leaves nothing (errors: one line, exit status 1).
+
 Quantisation: ``float16`` weights; ``dynamic`` int8 weights, float activations; ``int8``
 full-integer (weights and activations, uint8 input and output), calibrated by a
 representative dataset of crops (patches for classifiers) of the run's *training* images

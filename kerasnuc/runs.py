@@ -27,6 +27,10 @@ normalization      how pixels become model input (per-image min-max, see below)
 stain              fitted stain normaliser (kerasnuc.data.stain.normalizer_from_dict) or None
 =================  ===============================================================
 
+:func:`load_model` is the one loader of a run's model: it reads the folder first, says
+"corrupt" for a damaged ``model.keras``, and checks that the model fits the task, channels,
+classes and family config.json claims (:mod:`kerasnuc.model_checks`).
+
 This module imports neither TensorFlow nor Keras at import time; :func:`load_model`
 and :func:`measure_receptive_radius` import Keras when called.
 """
