@@ -10,7 +10,10 @@ channels, input multiple, tile size, tuned thresholds and class names; ``--metad
 points elsewhere. Outputs per image: ``<stem>_labels.png`` (16-bit instance labels) for
 ``segment``, ``<stem>_centroids.csv`` (x, y) for ``detect`` (a segmentation model gives
 its instances' centroids), ``<stem>_classes.csv`` (x, y, class, name, probabilities) for
-``classify``. Each line printed says how many nuclei and the time per image.
+``classify``. Each line printed says how many nuclei and the time per image. Bad input (a
+missing or unreadable .tflite, a missing or broken metadata JSON, a .tflite whose tensors do
+not fit its metadata's task or channels, unreadable images or points) is one line on stderr
+naming the file, exit status 1.
 
 The .tflite takes the *normalised* model input (float32, or uint8 for int8 models with
 the quantisation in the input tensor's parameters); this module normalises exactly as
