@@ -15,6 +15,14 @@ cannot be compared, so the loss-independent val_iou is used then (override with 
 The output folder holds best_config.json (a complete FitConfig), trials.json and trials.csv
 (every trial with its hyperparameters and score) and summary.txt; Keras Tuner's working
 files are in tuner/ (pass --resume to continue a search there).
+
+Distributed search (Keras Tuner's own chief/worker mode, found from the environment): run
+the same command on every machine with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT
+(where the chief listens) and KERASTUNER_TUNER_ID: "chief" for the one process that holds
+the oracle, trains nothing and writes the results above once every trial is done (start it
+first), "tuner0", "tuner1", ... for the workers, which each ask the chief for a trial, train
+it and report back until max-trials are done. Workers write only their trial files in
+OUT/tuner/ and never the results; trials.json says which worker ran which trial.
 """
 
 import csv
@@ -36,6 +44,7 @@ SEGMENTATION_LOSSES = ("bce_dice", "bce", "dice")
 MAXIMISED = ("iou", "accuracy", "dice", "f1", "auc", "precision", "recall")
 PROJECT = "search"
 OUTPUTS = ("best_config.json", "trials.json", "trials.csv", "summary.txt")
+DISTRIBUTED_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
 
 class TuneError(RuntimeError):
@@ -349,6 +358,49 @@ def make_hypermodel(config, space, task, context=None):
     return NucleusHyperModel(name=f"{config.task}-{config.model}")
 
 
+def distributed_role():
+    """None, or ("chief" | "worker", tuner id) when Keras Tuner's distributed variables are set;
+    TuneError (one line) when only some are, or grpcio is missing."""
+    given = {name: os.environ.get(name, "") for name in DISTRIBUTED_VARIABLES}
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise TuneError(f"distributed search needs {', '.join(DISTRIBUTED_VARIABLES)}; "
+                        f"missing {', '.join(missing)}")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise TuneError("distributed search needs grpcio: pip install grpcio") from None
+    tuner_id = given["KERASTUNER_TUNER_ID"]
+    # Keras Tuner's own rule (keras_tuner.src.distribute.utils.is_chief_oracle)
+    return ("chief" if "chief" in tuner_id else "worker"), tuner_id
+
+
+def record_owners(oracle, objective, max_trials, log=None):
+    """Remember which tuner each trial went to (trial_id -> tuner id); with ``log`` (the
+    chief), also say so and log each trial as its worker reports it done."""
+    owners, started, create, end = {}, {}, oracle.create_trial, oracle.end_trial
+
+    def create_trial(tuner_id):
+        trial = create(tuner_id)
+        if _status(trial) == "RUNNING" and trial.trial_id not in owners:
+            owners[trial.trial_id], started[trial.trial_id] = tuner_id, time.time()
+            if log:
+                log(f"trial id {trial.trial_id} -> {tuner_id}")
+        return trial
+
+    def end_trial(trial):
+        end(trial)
+        seconds = time.time() - started.get(trial.trial_id, time.time())
+        if log:
+                log(f"{owners.get(trial.trial_id, '?')}: " + trial_line(
+                oracle.trials[trial.trial_id], len(oracle.end_order), max_trials, seconds, objective[0]))
+
+    oracle.create_trial, oracle.end_trial = create_trial, end_trial
+    return owners
+
+
 def make_tuner(kind, hypermodel, objective, max_trials, max_epochs, directory, seed, overwrite,
                factor=3, log=print):
     """A Keras Tuner of ``kind`` that prints one line per finished trial."""
@@ -366,9 +418,12 @@ def make_tuner(kind, hypermodel, objective, max_trials, max_epochs, directory, s
             super().on_trial_begin(trial)
 
         def on_trial_end(self, trial):
-            super().on_trial_end(trial)  # scores the trial
-            trial = self.oracle.trials.get(trial.trial_id, trial)
-            log(trial_line(trial, len(self.oracle.end_order), max_trials,
+            super().on_trial_end(trial)  # scores the trial (on the chief, for a worker)
+            self.ran = getattr(self, "ran", []) + [trial.trial_id]
+            # get_trial: a worker's oracle is a client of the chief's and has no trial list
+            trial = self.oracle.get_trial(trial.trial_id) or trial
+            number = len(self.oracle.end_order) if hasattr(self.oracle, "end_order") else len(self.ran)
+            log(trial_line(trial, number, max_trials,
                            time.time() - getattr(self, "_trial_started", time.time()), objective[0]))
 
     kwargs = dict(hypermodel=hypermodel, objective=keras_tuner.Objective(*objective), seed=seed,
@@ -419,8 +474,9 @@ def trial_line(trial, number, total, seconds, objective="score"):
     return f"{head} -> {_status(trial)}: {_error_line(trial.message)}"
 
 
-def trial_records(tuner, objective):
-    """Every trial as a JSON-able dict, in the order they were created."""
+def trial_records(tuner, objective, owners=None):
+    """Every trial as a JSON-able dict, in the order they were created; ``owners``
+    (trial_id -> tuner id) says who ran it."""
     rows = []
     for trial_id, trial in sorted(tuner.oracle.trials.items()):
         metrics = {}
@@ -429,7 +485,7 @@ def trial_records(tuner, objective):
             if best is not None:
                 metrics[name] = float(best)
         rows.append({
-            "trial_id": trial_id, "status": _status(trial),
+            "trial_id": trial_id, "status": _status(trial), "tuner_id": (owners or {}).get(trial_id),
             "score": None if trial.score is None or math.isnan(trial.score) else float(trial.score),
             "objective": objective[0],
             "best_step": trial.best_step,
@@ -467,10 +523,11 @@ def _csv_text(rows, space):
     writer = csv.writer(buffer, lineterminator="\n")
     # Metric columns say "best_" (the trial's best epoch), so a metric never shadows a
     # hyperparameter of the same name (the loss).
-    writer.writerow(["trial_id", "status", "score"] + hp_names + [f"best_{m}" for m in metric_names]
+    writer.writerow(["trial_id", "status", "tuner_id", "score"] + hp_names + [f"best_{m}" for m in metric_names]
                     + ["error"])
     for r in rows:
-        writer.writerow([r["trial_id"], r["status"], "" if r["score"] is None else r["score"]]
+        writer.writerow([r["trial_id"], r["status"], r.get("tuner_id") or "",
+                         "" if r["score"] is None else r["score"]]
                         + [r["hyperparameters"].get(k, "") for k in hp_names]
                         + [r["metrics"].get(k, "") for k in metric_names] + [r["error"] or ""])
     return buffer.getvalue()
@@ -480,7 +537,8 @@ def _csv_text(rows, space):
 
 def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="auto", factor=3,
         space=None, overwrite=False, resume=False, log=None):
-    """Search hyperparameters for a resolved FitConfig; returns the path of best_config.json.
+    """Search hyperparameters for a resolved FitConfig; returns the path of best_config.json
+    (None on a distributed-search worker, see the module docstring).
 
     ``space``: keyword arguments of :func:`search_space` (filters, depth, lr_range,
     dropout_range, losses). Raises TuneError when no trial completed.
@@ -494,7 +552,9 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     started = time.time()
     out = os.path.abspath(out)
     tuner_dir = os.path.join(out, "tuner")
-    if os.path.exists(out) and os.listdir(out) and not (overwrite or resume):
+    role = distributed_role()
+    worker = role is not None and role[0] == "worker"  # trains trials; never checks, clears or writes results
+    if not worker and os.path.exists(out) and os.listdir(out) and not (overwrite or resume):
         raise TuneError(f"{out}: exists; choose another --out, pass --overwrite to start afresh "
                         "or --resume to continue its search")
 
@@ -510,7 +570,7 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     if max_trials < 1 or epochs < 1:
         raise TuneError("max-trials and max-epochs must be at least 1")
 
-    if overwrite:  # only what a search writes; anything else in the folder stays
+    if overwrite and not worker:  # only what a search writes; anything else in the folder stays
         import shutil
 
         shutil.rmtree(tuner_dir, ignore_errors=True)
@@ -524,25 +584,31 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     log(f"training.tune: {tuner} search, {max_trials} trials, up to {epochs} epochs each, "
         f"objective {objective[0]} ({objective[1]}), precision {policy}")
     log("search space: " + "; ".join(_describe(s) for s in hp_space))
+    if role:
+        log(f"distributed search: {role[1]} ({role[0]}), oracle at {_oracle_address()}")
 
     train_records, val_records, split = prepare_records(config, log)
     train_records, val_records, context = task_records(task, config, train_records, val_records)
-    train_data, val_data = make_datasets(config, task, train_records, val_records, log)
+    chief = role is not None and role[0] == "chief"  # serves the oracle, trains nothing
+    train_data, val_data = (None, None) if chief else make_datasets(config, task, train_records, val_records, log)
     hypermodel = make_hypermodel(config, hp_space, task, context)
     try:  # Keras Tuner builds one model here to learn the search space
         search = make_tuner(tuner, hypermodel, objective, max_trials, epochs, tuner_dir, config.seed,
-                            overwrite=not resume, factor=factor, log=log)
+                            overwrite=not (resume or worker), factor=factor, log=log)
     except TuneError:
         raise
     except Exception as error:
         raise TuneError(f"cannot build {config.model} for the search: {type(error).__name__}: {error}") from error
+    if worker:
+        return _run_worker(search, role[1], train_data, val_data, epochs, log)
+    owners = record_owners(search.oracle, objective, max_trials, log if chief else None)
 
     failure = None
     try:
         search.search(train_data, validation_data=val_data, epochs=epochs, verbose=0)
     except RuntimeError as error:  # Keras Tuner stops after 3 consecutive failed trials
         failure = error
-    rows = trial_records(search, objective)
+    rows = trial_records(search, objective, owners)
     completed = [r for r in rows if r["status"] == "COMPLETED" and r["score"] is not None]
     _write_atomic(os.path.join(out, "trials.json"), _json_text({
         "tuner": tuner, "objective": {"name": objective[0], "direction": objective[1]},
@@ -598,6 +664,25 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     for line in lines:
         log(line)
     return best_path
+
+
+def _oracle_address():
+    return f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+
+
+def _run_worker(search, tuner_id, train_data, val_data, epochs, log):
+    """A worker's part: trials from the chief until it says stop; returns None (the chief
+    writes the results)."""
+    import grpc
+
+    try:
+        search.search(train_data, validation_data=val_data, epochs=epochs, verbose=0)
+    except grpc.RpcError as error:
+        raise TuneError(f"{tuner_id}: lost the chief oracle at {_oracle_address()}: "
+                        f"{error.code().name} {error.details()}") from None
+    ran = getattr(search, "ran", [])
+    log(f"{tuner_id}: ran {len(ran)} trials ({', '.join(ran) or 'none'}); the chief writes the results")
+    return None
 
 
 def _describe(spec):
@@ -661,6 +746,7 @@ def build_parser():
             action.help = "Delete an existing output folder and start afresh."
         elif action.dest == "epochs":
             action.help = "Epochs written into best_config.json (and per trial unless --max-epochs)."
+    parser.conflict_handler = "resolve"  # the search's own --resume replaces fit's (a partial run)
     group = parser.add_argument_group("search")
     group.add_argument("--tuner", choices=TUNERS, default="random", help="Search algorithm (default random).")
     group.add_argument("--max-trials", type=int, default=10, dest="max_trials",
