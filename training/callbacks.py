@@ -1,5 +1,6 @@
 """Progress reporting for long jobs: one line per epoch with time and metrics."""
 
+import os
 import time
 
 import keras
@@ -35,7 +36,12 @@ class TimeBudget(keras.callbacks.Callback):
         self.seconds, self.log = float(minutes) * 60.0, log
 
     def on_train_begin(self, logs=None):
-        self._start, self._durations = time.time(), []
+        self._start, self.durations = time.time(), []
+
+    def restore(self, durations):
+        """Continue a resumed run's budget: the epochs already trained count as spent."""
+        self.durations = list(durations)
+        self._start = time.time() - sum(self.durations)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.time()
@@ -43,32 +49,58 @@ class TimeBudget(keras.callbacks.Callback):
     def next_epoch_estimate(self):
         """Seconds the next epoch may take: the slowest so far, the first (compiling) one
         counted only while it is the only one."""
-        return max(self._durations[1:] or self._durations)
+        return max(self.durations[1:] or self.durations)
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.time()
-        self._durations.append(now - self._epoch_start)
+        self.durations.append(now - self._epoch_start)
         if now - self._start + self.next_epoch_estimate() > self.seconds:
             self.model.stop_training = True
             self.log(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}")
 
 
+class BestModel(keras.callbacks.Callback):
+    """Saves the model as ``path`` whenever ``monitor`` improves, through a temporary file
+    so a kill during the write never leaves a broken model.keras (Keras' ModelCheckpoint
+    writes in place)."""
+
+    def __init__(self, path, monitor="val_loss"):
+        super().__init__()
+        self.path, self.monitor, self.best = path, monitor, float("inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not value < self.best:
+            return
+        self.best = float(value)
+        tmp = f"{self.path[:-len('.keras')]}.tmp{os.getpid()}.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.path)
+
+
 def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0):
     """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
-    (by val_loss, or loss without validation data) saved as model.keras, and one
-    progress line per epoch; ``time_budget`` (minutes, 0: none) stops early. Returns the
-    history dict."""
+    (by val_loss, or loss without validation data) saved as model.keras, one progress
+    line per epoch, and the state ``--resume`` continues from (training/resume.py);
+    ``time_budget`` (minutes, 0: none) stops early. A run folder that already holds a
+    saved state continues from its last completed epoch. Returns the history dict of
+    every epoch (resumed ones included)."""
+    from training.resume import ResumableState, read_history, truncate_history
+
     monitor = "val_loss" if val_data is not None else "loss"
-    callbacks = [
-        keras.callbacks.CSVLogger(run.file("history.csv")),
-        keras.callbacks.ModelCheckpoint(run.file("model.keras"), monitor=monitor, save_best_only=True),
-        EpochProgress(epochs, log),
-    ]
-    if time_budget:
-        callbacks.append(TimeBudget(time_budget, log))
-    # shuffle=False: the batches are random draws already; Keras' shuffling of their order
-    # (Python's random) would make the weights depend on how many passes it makes, and
-    # those differ with --distribute.
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0,
-                        shuffle=False)
-    return history.history
+    checkpoint = BestModel(run.file("model.keras"), monitor)
+    budget = TimeBudget(time_budget, log) if time_budget else None
+    state = ResumableState(run.path, (train_data, val_data), checkpoint, budget)
+    done = state.epochs_done
+    truncate_history(run.file("history.csv"), done)
+    if done:
+        log(f"resuming after epoch {done}/{epochs}" + (" (time budget already reached)" if state.stopped else ""))
+    callbacks = [keras.callbacks.CSVLogger(run.file("history.csv"), append=bool(done)), checkpoint,
+                 EpochProgress(epochs, log)] + ([budget] if budget else []) + [state]
+    if not (state.stopped or done >= epochs):
+        # shuffle=False: the batches are random draws already; Keras' shuffling of their order
+        # (Python's random) would make the weights depend on how many passes it makes, and
+        # those differ with --distribute.
+        model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=done,
+                  callbacks=callbacks, verbose=0, shuffle=False)
+    return read_history(run.file("history.csv"))

@@ -39,6 +39,9 @@ class _FixedCrops(DetectionDataset):
     def on_epoch_end(self):
         pass
 
+    def set_epoch(self, epoch):
+        pass
+
 
 def detection_loss(config, log):
     """The loss name used: the segmentation default (bce_dice) becomes mse; classification

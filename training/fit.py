@@ -58,12 +58,16 @@ def build_parser():
     parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
                         help=docs["time_budget"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
-    parser.add_argument("--distribute", choices=CHOICES, help=docs["distribute"])
     from kerasnuc.data import validation
 
     validation.add_arguments(parser, labels=True, default_note=", or the config file's")
+    parser.add_argument("--distribute", choices=CHOICES, help=docs["distribute"])
     parser.add_argument("--out", help=docs["out"])
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing run directory or partial run (nothing is deleted without it).")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="Continue the partial run RUN (RUN.incomplete/, left by a crash or kill) from its "
+                             "last completed epoch, with its own config.json.")
     return parser
 
 
@@ -71,7 +75,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from training.config import default_run_dir, load_config_file, resolve
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "resume")}
+    if args.resume:
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if given or args.config or args.overwrite:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given + (["config"] if args.config else [])
+                              + (["overwrite"] if args.overwrite else []))
+            sys.exit(f"training.fit: --resume continues a run with its own config.json; drop {flags}")
+        try:
+            config = resume_config(args.resume)
+        except ValueError as error:
+            sys.exit(f"training.fit: {error}")
+        return run(config, resume=True)
     try:
         config = resolve(load_config_file(args.config) if args.config else None, overrides)
     except (ValueError, TypeError) as error:
@@ -79,9 +94,56 @@ def main(argv=None):
     return run(config, overwrite=args.overwrite)
 
 
-def run(config, overwrite=False, log=None):
-    """Run one training job from a resolved FitConfig; returns the run directory path."""
+def resume_config(path):
+    """The FitConfig of the partial run ``path`` (``runs/x`` or ``runs/x.incomplete``)."""
+    import dataclasses
+
+    from kerasnuc.runs import RunError, read_json
+    from training.config import FitConfig
+
+    final = path[: -len(".incomplete")] if path.rstrip("/").endswith(".incomplete") else path
+    final = final.rstrip("/")
+    try:
+        values = read_json(os.path.join(final + ".incomplete", "config.json"))
+    except RunError as error:
+        if os.path.isdir(final) and not os.path.isdir(final + ".incomplete"):
+            raise ValueError(f"{final}: a finished run; nothing to resume") from None
+        raise ValueError(f"{error} (no partial run to resume)") from None
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    config = FitConfig(**{k: v for k, v in values.items() if k in known}).validate()
+    config.out = final
+    return config
+
+
+def run(config, overwrite=False, log=None, resume=False):
+    """Run one training job from a resolved FitConfig; returns the run directory path.
+
+    The run folder is claimed (locked, checked) before anything is loaded; ``resume``
+    continues its partial run (training/resume.py)."""
     log = log or (lambda message: print(message, flush=True))
+    from training.config import default_run_dir
+    from training.rundir import RunDirectory, RunDirError
+
+    config.out = config.out or default_run_dir(config)
+    try:
+        run_dir = RunDirectory(config.out, overwrite=overwrite, resume=resume)
+    except (RunDirError, OSError) as error:
+        sys.exit(f"training.fit: {error}")
+    try:
+        return _run_in(run_dir, config, log, resume)
+    except BaseException as error:
+        run_dir.release()
+        if not resume and not run_dir.written:
+            import shutil
+
+            shutil.rmtree(run_dir.path, ignore_errors=True)  # our own empty folder: nothing was written
+        elif not isinstance(error, SystemExit) or error.code not in (0, None):
+            log(f"training.fit: run failed; partial run kept in {run_dir.path}; "
+                f"continue it with: python -m training.fit --resume {run_dir.final_path}")
+        raise
+
+
+def _run_in(run_dir, config, log, resume):
     import keras
 
     from kerasnuc import __version__
@@ -89,10 +151,8 @@ def run(config, overwrite=False, log=None):
     from kerasnuc.data.spec import dataset_mpp
     from kerasnuc.data.imageio import DataError
     from kerasnuc.data.splits import kfold_splits, train_val_test_split
-    from training.config import default_run_dir
     from training.distribute import distribution_scope
     from training.precision import accelerator_name, apply_precision
-    from training.rundir import RunDirectory
 
     started = time.time()
     try:  # first: multi-worker TensorFlow and multi-host JAX set up their collectives before anything runs
@@ -126,8 +186,6 @@ def run(config, overwrite=False, log=None):
             r.name = f"test:{r.name}"
         records = records + test_records
     split = splits[0]
-    config.out = config.out or default_run_dir(config)
-    run_dir = RunDirectory(config.out, overwrite=overwrite)
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
         f"{len(split['val'])} val, {len(split['test'])} test")
     resolved = {**config.to_dict(), "mpp": config.mpp or dataset_mpp(config.data) or 0.0,
@@ -135,24 +193,23 @@ def run(config, overwrite=False, log=None):
                 "keras_version": keras.__version__, "backend": keras.backend.backend(),
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                             "accelerator": accelerator_name()}}
-    run_dir.write_json("config.json", resolved)
-    if len(splits) > 1:
-        run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", "folds": splits})
+    split_record = {"seed": config.seed, "grouped_by": "image",
+                    **({"folds": splits} if len(splits) > 1 else split)}
+    if resume:
+        _check_same_split(run_dir, split_record)
+        log(f"resuming {run_dir.path}")
     else:
-        run_dir.write_json("split.json", {"seed": config.seed, "grouped_by": "image", **split})
+        run_dir.write_json("config.json", resolved)
+        run_dir.write_json("split.json", split_record)
     if config.stain:
         run_dir.write_json("stain.json", stain_params)
 
     task = _task_module(config.task)
-    try:
-        with scope:  # the model is built, trained and evaluated under the --distribute strategy
-            if len(splits) == 1:
-                summary = task.run_task(config, run_dir, records, split, log)
-            else:
-                summary = _cross_validate(task, config, run_dir, records, splits, log)
-    except BaseException:
-        log(f"training.fit: run failed; partial results kept in {run_dir.path} (never used as a run)")
-        raise
+    with scope:  # the model is built, trained and evaluated under the --distribute strategy
+        if len(splits) == 1:
+            summary = task.run_task(config, run_dir, records, split, log)
+        else:
+            summary = _cross_validate(task, config, run_dir, records, splits, log)
     path = run_dir.finish()
     log(f"done in {time.time() - started:.0f}s; wrote {path}/: {', '.join(sorted(os.listdir(path)))}")
     log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
@@ -160,17 +217,38 @@ def run(config, overwrite=False, log=None):
     return path
 
 
+def _check_same_split(run_dir, split_record):
+    """A resumed run must see the images it was split from; else its epochs mean nothing."""
+    from kerasnuc.runs import read_json
+
+    stored = read_json(os.path.join(run_dir.path, "split.json"))
+    if json.loads(json.dumps(split_record)) != stored:
+        sys.exit(f"training.fit: {run_dir.path}: the data no longer gives the split in split.json "
+                 "(images added, removed or renamed); cannot resume")
+
+
 def _cross_validate(task, config, run_dir, records, splits, log):
-    """Run the task once per fold into fold<i>/ and write mean +- std to metrics.json."""
+    """Run the task once per fold into fold<i>/ and write mean +- std to metrics.json.
+    A fold that finished before a crash is not trained again on --resume."""
     import numpy as np
+
+    from kerasnuc.runs import read_json, write_json_atomic
+    from training.resume import STATE_DIR
 
     summaries = []
     for index, split in enumerate(splits, start=1):
+        fold = run_dir.subfolder(f"fold{index}")
+        done_path = os.path.join(fold.path, STATE_DIR, "fold_summary.json")
+        if os.path.exists(done_path):
+            summaries.append(read_json(done_path))
+            log(f"== fold {index}/{len(splits)}: finished before the restart")
+            continue
         log(f"== fold {index}/{len(splits)}: {len(split['train'])} train, {len(split['val'])} val, "
             f"{len(split['test'])} test images")
-        fold = run_dir.subfolder(f"fold{index}")
         fold.write_json("split.json", split)
         summaries.append(task.run_task(config, fold, records, split, log))
+        os.makedirs(os.path.dirname(done_path), exist_ok=True)
+        write_json_atomic(done_path, summaries[-1])
     keys = [k for k in summaries[0] if all(isinstance(s.get(k), (int, float)) for s in summaries)]
     mean = {k: float(np.mean([s[k] for s in summaries])) for k in keys}
     std = {k: float(np.std([s[k] for s in summaries], ddof=1)) for k in keys}

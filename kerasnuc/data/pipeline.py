@@ -54,6 +54,11 @@ class _SeededBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.epoch += 1
 
+    def set_epoch(self, epoch):
+        """Start epoch ``epoch`` (training.resume sets it each epoch, so a resumed run
+        draws the batches an uninterrupted one would)."""
+        self.epoch = int(epoch)
+
 
 class _ImageSampler:
     """Normalised images kept as uint8 (4x less memory than float), windows normalised on demand.
