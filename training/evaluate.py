@@ -5,12 +5,16 @@
     python -m training.evaluate RUN --tta --tta-merge vote                 # instance majority vote
     python -m training.evaluate RUN --data dsb2018:../shared/data/dsb2018/stage1_test
     python -m training.evaluate RUN --mc-samples 20                        # MC-dropout models
+    python -m training.evaluate RUN --data folder:my_data --skip-bad       # list bad files, score the rest
 
 Everything comes from the run folder (config.json, split.json, model.keras, thresholds.json):
 the same channels, intensity normalisation, stain normalisation (stain.json) and tuned
 post-processing as training used. Results go to ``RUN/eval-<split or dataset>[-tta]/``
 (or ``--out``), written to a temporary folder first and renamed when complete:
 metrics.json (per image, mean and pooled, with the options used), report.md and figures.
+Images are read under the run's input policy (``--max-pixels``, ``--bit-depth``,
+``--binary-labels`` override it; :mod:`kerasnuc.data.validation`); a bad input stops the
+evaluation with one line naming it, or with ``--skip-bad`` is left out and listed.
 """
 
 import argparse
