@@ -339,6 +339,21 @@ def test_evaluate_refuses_a_truncated_jpeg_or_skips_it_with_skip_bad(seg_run, tm
     with pytest.raises(SystemExit, match=r"training.evaluate: .*/cut.png: 48 x 64 = 0.00307 MP exceeds the "
                                          r"0.0001 MP pixel limit; raise it with --max-pixels$"):
         evaluate.main([seg_run, "--data", f"folder:{root}", "--out", str(out), "--max-pixels", "100"])
+    # the run's own split: a bad image of the split is skipped, not "missing"; the run's policy applies
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for name in ("split.json", "model.keras", "thresholds.json"):
+        os.symlink(os.path.join(seg_run, name), run / name)
+    config = {**json.load(open(os.path.join(seg_run, "config.json"))), "data": f"folder:{root}",
+              "binary_labels": "components"}
+    json.dump(config, open(run / "config.json", "w"))
+    json.dump({"train": [], "val": [], "test": ["cut", "good", "mask"]}, open(tmp_path / "split.json", "w"))
+    os.replace(tmp_path / "split.json", run / "split.json")
+    with pytest.raises(evaluate.EvaluationError, match=r"cut.jpg: corrupt or truncated image"):
+        evaluate.evaluate_run(str(run), log=lambda m: None)
+    result = evaluate.evaluate_run(str(run), skip_bad=True, log=lambda m: None)
+    assert [row["name"] for row in result["per_image"]] == ["good", "mask"]
+    assert [s["name"] for s in result["skipped_inputs"]] == ["cut"]
 
 
 def test_predict_stops_at_the_first_bad_input_or_skips_and_lists_them(seg_run, tmp_path):
