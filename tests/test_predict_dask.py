@@ -58,7 +58,7 @@ def inputs(shared_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def serial(trained_run, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial")
-    assert cli.main([trained_run, inputs[0], "--out", str(out), "--block", str(BLOCK)]) == 1  # broken.png
+    assert cli.main([trained_run, inputs[0], "--out", str(out), "--block", str(BLOCK), "--skip-bad"]) == 0
     return out
 
 
@@ -85,29 +85,94 @@ def test_local_cluster_equals_the_serial_run(trained_run, inputs, serial, tmp_pa
     assert blocks >= len(stems) + 5  # the large image is several blocks
     out = tmp_path / "dask"
     capsys.readouterr()
-    code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK), "--dask", "--dask-workers", "2"])
-    assert code == 1  # broken.png is reported by name, the others go on
-    printed = capsys.readouterr()
-    assert "broken.png" in printed.out and "4 images" in printed.out and "1 failed" in printed.out
+    code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK), "--skip-bad",
+                     "--dask", "--dask-workers", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out  # broken.png is reported by name, the others go on
+    assert "4 images" in printed and "1 skipped as bad" in printed and "broken.png" in printed
     assert_same_outputs(out, serial, stems)
+
+
+@pytest.fixture(scope="module")
+def joined():
+    """A cluster of two worker processes started here, as ``dask-scheduler`` + ``dask-worker`` would be."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        yield cluster.scheduler_address, client
 
 
 def test_scheduler_joins_an_existing_cluster_whose_workers_load_the_model_once(trained_run, inputs, serial,
-                                                                              tmp_path):
+                                                                              joined, tmp_path):
     folder, stems, blocks = inputs
+    address, client = joined
     out = tmp_path / "joined"
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK),
-                         "--scheduler", cluster.scheduler_address])
-        stats = client.run(dask_predict.worker_stats)
-        assert len(client.nthreads()) == 2  # the CLI left the cluster running
-    assert code == 1
+    before = client.run(dask_predict.worker_stats)
+    code = cli.main([trained_run, folder, "--out", str(out), "--block", str(BLOCK), "--skip-bad",
+                     "--scheduler", address])
+    after = client.run(dask_predict.worker_stats)
+    assert len(client.nthreads()) == 2  # the CLI left the cluster running
+    assert code == 0
     assert_same_outputs(out, serial, stems)
-    assert sum(s.get("blocks", 0) for s in stats.values()) == blocks  # every block ran on a worker
-    for worker in stats.values():
-        if worker.get("blocks"):
-            assert worker["loads"] == worker["models"] == 1, worker  # once per worker, not per block
+    done = {worker: after[worker].get("blocks", 0) - before[worker].get("blocks", 0) for worker in after}
+    assert sum(done.values()) == blocks  # every block ran on a worker
+    for worker, count in done.items():
+        loads = after[worker].get("loads", 0) - before[worker].get("loads", 0)
+        assert loads == (1 if count else 0), (worker, count, loads)  # once per worker, not per block
+
+
+def open_on_the_client_only(path):
+    """Opens an image here but fails on a worker (as a file missing on the workers' machines would)."""
+    from kerasnuc.data.imageio import DataError
+    from kerasnuc.predict.sources import open_view
+
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return open_view(path)
+    raise DataError(f"{path}: not on this worker")
+
+
+def stitched(results):
+    """{view index: (labels, table) or the error} of a stream, stitched as predict_instances does."""
+    from kerasnuc.predict.engine import paste_labels
+    from kerasnuc.predict.measure import concat_tables
+
+    views = {}
+    for result in results:
+        if result.error is not None:
+            views[result.index] = result.error
+            continue
+        labels, tables = views.setdefault(result.index, (np.zeros(result.view.shape[:2], np.uint32), []))
+        paste_labels(labels, result)
+        if result.table is not None and len(result.table["id"]):
+            tables.append(result.table)
+    return {i: v if isinstance(v, Exception) else (v[0], concat_tables(v[1])) for i, v in views.items()}
+
+
+def test_stream_on_a_cluster_equals_the_serial_stream_and_reports_a_failing_worker(trained_run, inputs,
+                                                                                   joined):
+    import functools
+
+    import kerasnuc
+
+    folder, stems, _ = inputs
+    large, small = (os.path.join(folder, stems[i] + ".png") for i in (3, 0))
+    views = [large, functools.partial(open_on_the_client_only, small), small]
+    with dask_predict.DaskPredictor(trained_run, client=joined[1], block=BLOCK) as predictor:
+        remote = stitched(predictor.stream(views))
+    from kerasnuc.predict.sources import open_view
+
+    opened = [functools.partial(open_view, path) for path in (large, small, small)]
+    local = stitched(kerasnuc.load(trained_run, block=BLOCK).stream(opened))
+    assert sorted(remote) == [0, 1, 2]
+    assert "not on this worker" in str(remote[1])  # reported for its view; the others went on
+    for index in (0, 2):
+        labels, table = remote[index]
+        np.testing.assert_array_equal(labels, local[index][0])
+        assert list(table) == list(local[index][1])
+        for name, column in table.items():
+            np.testing.assert_array_equal(column, local[index][1][name], err_msg=name)
+    assert joined[1].status == "running"  # a client given is not closed
 
 
 def test_unreachable_scheduler_is_one_line(trained_run, tmp_path):
