@@ -2,7 +2,7 @@
 
     python -m serving.server --base EXPORT_BASE [--port 8500] [--host 127.0.0.1]
         [--max-inflight 2] [--max-queue 4] [--max-request-mpix 4] [--max-inflight-mpix 16]
-        [--onednn]
+        [--malloc-mmap-kb 1024] [--onednn]
 
 Serves ``EXPORT_BASE/<model>/<version>/`` SavedModels (``tf.saved_model.load``) with
 ``tensorflow_serving.apis``: PredictionService ``Predict`` and ``GetModelMetadata``,
@@ -11,11 +11,12 @@ ModelService ``GetModelStatus``; the same clients work against it and against th
 base runs the official image).
 
 * Newest version of each model: the base is polled (``--poll`` seconds) and a newer
-  integer version folder is loaded and swapped in while the old one keeps answering;
-  hidden staging folders are ignored. A version that fails to load (say, still being
-  copied in file by file) keeps the old one serving and is retried on later polls: as
-  soon as its files have stopped changing for one poll, else with an exponential
-  back-off (up to a minute); each failure is logged once per change of the folder.
+  integer version folder is loaded, once its files have not changed for one poll (at
+  start: at once), and swapped in while the old one keeps answering; hidden staging
+  folders are ignored. A version that fails to load (say, copied in file by file with
+  pauses) keeps the old one serving and is retried on later polls: when its files have
+  changed and settled again, else with an exponential back-off (up to a minute); each
+  failure is logged once per change of the folder.
 * Binds 127.0.0.1 by default (``--host 0.0.0.0`` to expose it; there is no
   authentication, put it behind a proxy for that).
 * Malformed requests (unknown input names, wrong dtype or rank, undecodable tensors,
@@ -31,15 +32,21 @@ base runs the official image).
   once, ``--max-queue`` more wait for a turn; beyond either budget: RESOURCE_EXHAUSTED
   (retry later). A request whose client has gone (cancelled, deadline passed) while it
   waited is dropped without running the model.
-* Memory: a request's working memory is about pixels x the model's activation width
-  (bench/results/server_load.md measures it for the tiny bench U-Net). oneDNN is off by
-  default (``TF_ENABLE_ONEDNN_OPTS=0`` before TensorFlow loads): its kernels keep caches per
-  distinct input shape and hold the largest request's buffers, so RSS climbs with every new
-  tile size; ``--onednn`` turns it back on (about 2.5x faster on this CPU, RSS not flat).
-  The SavedModel signatures are concrete functions: a new shape is not retraced.
+* Memory comes back after load: a request's working memory is about pixels x the model's
+  activation width (bench/results/server_load.md measures it for the tiny bench U-Net), and
+  the budgets above bound how much of it is live. Freed memory is handed back to the OS:
+  glibc allocations from ``--malloc-mmap-kb`` (1 MiB) are mmapped, and after requests the
+  server collects garbage and calls malloc_trim when idle (at least every 10 s under load).
+  oneDNN is off by default (``TF_ENABLE_ONEDNN_OPTS=0`` before TensorFlow loads): its kernels
+  keep about 2 MB of cache per distinct input shape and the largest request's buffers, so
+  RSS climbs with every new tile size; ``--onednn`` turns it back on (2.5x faster on this
+  CPU, RSS not flat). The SavedModel signatures are concrete functions: a new input shape
+  is not retraced.
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import signal
 import sys
@@ -59,6 +66,7 @@ DEFAULT_SIGNATURE = "serving_default"
 MPIX = 1_000_000
 MAX_BACKOFF_SECONDS = 60.0
 WAIT_STEP_SECONDS = 0.05  # how often a queued request checks that its client is still there
+TRIM_EVERY_SECONDS = 10.0  # under constant load, hand freed memory back at least this often
 
 
 @dataclass
@@ -139,7 +147,6 @@ def folder_state(path):
 class _Failure:
     """A version folder that failed to load: when to try again, and what was logged."""
     state: tuple  # folder_state at the failed attempt
-    seen: tuple  # folder_state at the latest poll
     failures: int = 1
     next_try: float = 0.0
 
@@ -154,6 +161,8 @@ class ModelRegistry:
         self.clock = clock
         self._models = {}
         self._failed = {}  # (name, version) -> _Failure
+        self._seen = {}  # (name, version) -> folder_state at the latest poll, until it loads
+        self._polls = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -174,14 +183,14 @@ class ModelRegistry:
         return found
 
     def _should_try(self, key, path):
-        """False while a failed version's folder is still changing or its back-off runs."""
+        """Load a new version once its files stopped changing for one poll (at start: at once);
+        retry a failed one once it changed and settled again, or when its back-off is over."""
+        state = folder_state(path)
+        previous, self._seen[key] = self._seen.get(key), state
         failure = self._failed.get(key)
         if failure is None:
-            return True
-        state = folder_state(path)
-        settled = state == failure.seen  # unchanged for one poll: the copy looks finished
-        failure.seen = state
-        if not settled:
+            return self._polls == 0 or previous == state
+        if previous != state:  # still being written
             return False
         return state != failure.state or self.clock() >= failure.next_try
 
@@ -192,7 +201,7 @@ class ModelRegistry:
             self.log(f"serving.server: cannot load {key[0]} version {key[1]} ({path}): "
                      f"{_one_line(error)}; retrying when its files change or in "
                      f"{self.poll_seconds:.3g}s, backing off")
-            failure = _Failure(state, state)
+            failure = _Failure(state)
         else:
             failure.failures += 1
         delay = min(MAX_BACKOFF_SECONDS, self.poll_seconds * 2 ** (failure.failures - 1))
@@ -217,6 +226,7 @@ class ModelRegistry:
                 except Exception as error:  # a broken or half-copied export must not take the server down
                     self._record_failure(key, path, error)
                     continue
+                self._seen.pop(key, None)
                 if self._failed.pop(key, None) is not None:
                     self.log(f"serving.server: {name} version {version} loads now")
                 with self._lock:
@@ -224,8 +234,10 @@ class ModelRegistry:
                 self.log(f"serving.server: serving {name} version {version} from {path}")
                 changed.append(name)
                 break
-        for key in set(self._failed) - present:  # folder gone: forget it
-            del self._failed[key]
+        for key in (set(self._failed) | set(self._seen)) - present:  # folder gone: forget it
+            self._failed.pop(key, None)
+            self._seen.pop(key, None)
+        self._polls += 1
         return changed
 
     def get(self, name, version=None):
@@ -284,7 +296,12 @@ class Gate:
             raise ValueError("max_inflight must be >= 1, max_queue >= 0, the in-flight pixel budget > 0")
         self.max_inflight, self.max_queue, self.max_pixels = max_inflight, max_queue, max_pixels
         self.running = self.waiting = self.pixels = 0
+        self.dirty = False  # requests came since memory was last handed back
         self._cond = threading.Condition()
+
+    @property
+    def idle(self):
+        return self.running == self.waiting == 0
 
     def _admit(self, cost):
         with self._cond:
@@ -314,6 +331,7 @@ class Gate:
     def _release(self, cost, ran):
         with self._cond:
             self.pixels -= cost
+            self.dirty = True
             if ran:
                 self.running -= 1
             self._cond.notify_all()
@@ -328,6 +346,44 @@ class Gate:
             yield ran
         finally:
             self._release(cost, ran)
+
+
+def _libc():
+    """glibc, or None elsewhere (then memory is left to the platform's allocator)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def tune_malloc(mmap_threshold_kb):
+    """Allocations of at least ``mmap_threshold_kb`` get their own mmap, returned to the OS when
+    freed. glibc's default threshold rises with every large free (up to 32 MB), after which image
+    tensors and request buffers stay in fragmented arenas: RSS keeps the high-water mark.
+    Returns whether it was applied."""
+    libc = _libc()
+    if libc is None or mmap_threshold_kb <= 0:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold_kb * 1024)))
+
+
+def _trim_memory_loop(gate, stop, check_seconds=1.0):
+    """After requests came: collect garbage (an aborted request's message stays referenced from
+    its exception's traceback until the cycle collector runs) and hand freed heap pages back to
+    the OS (malloc_trim), when the server is idle and at least every TRIM_EVERY_SECONDS."""
+    libc = _libc()
+    last = time.monotonic()
+    while not stop.wait(check_seconds):
+        if gate.dirty and (gate.idle or time.monotonic() - last >= TRIM_EVERY_SECONDS):
+            gate.dirty = False
+            gc.collect()
+            if libc is not None:
+                libc.malloc_trim(ctypes.c_size_t(0))
+            last = time.monotonic()
 
 
 def _version_of(model_spec):
@@ -527,6 +583,7 @@ class PredictionService:
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
+        self.gate.dirty = True
         try:
             model = _find(self.registry, request.model_spec)
             signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
@@ -640,6 +697,7 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
         raise OSError(f"cannot bind {host}:{port}")
     server.predictions = service
     server.start()
+    threading.Thread(target=_trim_memory_loop, args=(gate, registry._stop), name="memory-trim", daemon=True).start()
     return server, bound, registry
 
 
@@ -671,6 +729,9 @@ def main(argv=None):
     parser.add_argument("--max-message-mb", type=_positive(float), default=64, dest="max_message_mb",
                         help="largest request message accepted, MiB (default 64)")
     parser.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between scans for new versions")
+    parser.add_argument("--malloc-mmap-kb", type=float, default=1024, dest="malloc_mmap_kb",
+                        help="glibc: allocations from this size (KiB) are mmapped and returned to the OS when "
+                             "freed (default 1024; 0 keeps glibc's rising threshold)")
     parser.add_argument("--onednn", action="store_true",
                         help="keep TensorFlow's oneDNN kernels (faster on CPU, RSS grows per input shape)")
     args = parser.parse_args(argv)
@@ -681,6 +742,7 @@ def main(argv=None):
     if args.max_inflight_mpix < args.max_request_mpix:
         sys.exit(f"serving.server: --max-inflight-mpix {args.max_inflight_mpix:g} is below "
                  f"--max-request-mpix {args.max_request_mpix:g}; no request of the largest size could run")
+    tune_malloc(args.malloc_mmap_kb)
     if "tensorflow" not in sys.modules:  # must be set before TensorFlow loads
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if args.onednn else "0")
     try:
@@ -703,6 +765,8 @@ def main(argv=None):
     stopped.wait()
     registry.stop()
     server.stop(grace=5).wait()
+    stats = dict(sorted(server.predictions.stats.items()))
+    print(f"serving.server: stopped; Predict outcomes: {stats}", flush=True)
 
 
 if __name__ == "__main__":
