@@ -106,7 +106,8 @@ TASKS = ("segmentation", "detection", "classification")
 
 
 def check_config(config, path):
-    """The config.json keys every reader relies on: task and channels (RunError naming the file)."""
+    """The config.json keys every reader relies on: task, channels, model, model_config
+    (RunError naming the file)."""
     task = config.get("task", "segmentation")
     if task not in TASKS:
         raise RunError(f"{path}: task '{task}' is none of {', '.join(TASKS)}")
@@ -115,6 +116,12 @@ def check_config(config, path):
         raise RunError(f"{path}: channels must be 1 or 3, got {channels!r}")
     if not isinstance(config.get("model", ""), str):
         raise RunError(f"{path}: model must be a model family name, got {config['model']!r}")
+    model_config = config.get("model_config") or {}
+    if not isinstance(model_config, dict):
+        raise RunError(f"{path}: model_config must be a JSON object, got {model_config!r}")
+    depth = model_config.get("depth", 0)
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
+        raise RunError(f"{path}: model_config depth must be a non-negative integer, got {depth!r}")
 
 
 @dataclass

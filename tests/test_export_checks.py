@@ -218,6 +218,9 @@ def test_run_folder_without_model_or_with_broken_config(runs, tmp_path):
         sm.main, [run, "--base", str(tmp_path / "base")])
     run = copy_run(runs["unet"], tmp_path, "channels", channels="three")
     assert "config.json: channels must be 1 or 3, got 'three'" in exit_message(tflite.main, [run, "--no-report"])
+    run = copy_run(runs["unet"], tmp_path, "model_config", model_config=["filters", 4])
+    assert "config.json: model_config must be a JSON object, got ['filters', 4]" in exit_message(
+        sm.main, [run, "--base", str(tmp_path / "base")])
     assert not os.path.exists(tmp_path / "base")
 
 
