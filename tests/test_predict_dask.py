@@ -133,7 +133,8 @@ def open_on_the_client_only(path):
 
 
 def stitched(results):
-    """{view index: (labels, table) or the error} of a stream, stitched as predict_instances does."""
+    """{view index: (labels, table, glass blocks) or the error} of a stream, stitched as
+    predict_instances does."""
     from kerasnuc.predict.engine import paste_labels
     from kerasnuc.predict.measure import concat_tables
 
@@ -142,37 +143,72 @@ def stitched(results):
         if result.error is not None:
             views[result.index] = result.error
             continue
-        labels, tables = views.setdefault(result.index, (np.zeros(result.view.shape[:2], np.uint32), []))
+        labels, tables, glass = views.setdefault(result.index, (np.zeros(result.view.shape[:2], np.uint32), [], []))
         paste_labels(labels, result)
+        glass.append(result.glass)
         if result.table is not None and len(result.table["id"]):
             tables.append(result.table)
-    return {i: v if isinstance(v, Exception) else (v[0], concat_tables(v[1])) for i, v in views.items()}
+    return {i: v if isinstance(v, Exception) else (v[0], concat_tables(v[1]), sum(v[2])) for i, v in views.items()}
 
 
-def test_stream_on_a_cluster_equals_the_serial_stream_and_reports_a_failing_worker(trained_run, inputs,
+def assert_same_views(remote, local, indices):
+    for index in indices:
+        labels, table, glass = remote[index]
+        np.testing.assert_array_equal(labels, local[index][0])
+        assert list(table) == list(local[index][1]) and glass == local[index][2]
+        for name, column in table.items():
+            np.testing.assert_array_equal(column, local[index][1][name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def slide(shared_data, tmp_path_factory):
+    """A two-level pyramidal TIFF: a 300 x 300 MoNuSeg H&E crop on glass (5 of its 9 blocks are glass)."""
+    from test_slides import write_slide
+
+    paths = sorted(glob.glob(os.path.join(shared_data, "monuseg2018", "train", "images", "*.png")))
+    if not paths:
+        pytest.skip("MoNuSeg images not found")
+    canvas = np.full((3 * BLOCK, 3 * BLOCK, 3), 245, np.uint8)
+    canvas[:300, :300] = cv2.imread(paths[0])[:300, :300, ::-1]
+    path = str(tmp_path_factory.mktemp("slide") / "mosaic.tif")
+    write_slide(path, canvas, levels=2)
+    return path
+
+
+def test_stream_on_a_cluster_equals_the_serial_stream_and_reports_a_failing_worker(trained_run, inputs, slide,
                                                                                    joined):
     import functools
 
     import kerasnuc
-
-    folder, stems, _ = inputs
-    large, small = (os.path.join(folder, stems[i] + ".png") for i in (3, 0))
-    views = [large, functools.partial(open_on_the_client_only, small), small]
-    with dask_predict.DaskPredictor(trained_run, client=joined[1], block=BLOCK) as predictor:
-        remote = stitched(predictor.stream(views))
     from kerasnuc.predict.sources import open_view
 
-    opened = [functools.partial(open_view, path) for path in (large, small, small)]
-    local = stitched(kerasnuc.load(trained_run, block=BLOCK).stream(opened))
-    assert sorted(remote) == [0, 1, 2]
-    assert "not on this worker" in str(remote[1])  # reported for its view; the others went on
-    for index in (0, 2):
-        labels, table = remote[index]
-        np.testing.assert_array_equal(labels, local[index][0])
-        assert list(table) == list(local[index][1])
-        for name, column in table.items():
-            np.testing.assert_array_equal(column, local[index][1][name], err_msg=name)
+    small = os.path.join(inputs[0], inputs[1][0] + ".png")
+    views = [functools.partial(open_on_the_client_only, small), slide]
+    with dask_predict.DaskPredictor(trained_run, client=joined[1], block=BLOCK) as predictor:
+        remote = stitched(predictor.stream(views))
+    local = stitched(kerasnuc.load(trained_run, block=BLOCK).stream([functools.partial(open_view, slide)] * 2))
+    assert sorted(remote) == [0, 1]
+    assert "not on this worker" in str(remote[0])  # reported for its view; the others went on
+    assert_same_views(remote, local, (1,))
+    assert remote[1][2] == 5 and remote[1][0].max() > 0  # the slide: glass skipped, nuclei in the tissue
     assert joined[1].status == "running"  # a client given is not closed
+
+
+def test_tflite_on_a_cluster_equals_litert_here(trained_run, slide, joined, tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    import functools
+
+    import kerasnuc
+    from export import tflite
+    from kerasnuc.predict.sources import open_view
+
+    path, _ = tflite.export_tflite(trained_run, "float32", out=str(tmp_path / "unet.tflite"),
+                                   evaluate_model=False, log=lambda m: None)
+    with dask_predict.DaskPredictor(path, client=joined[1], block=BLOCK) as predictor:
+        remote = stitched(predictor.stream([slide]))
+    local = stitched(kerasnuc.load(path, block=BLOCK).stream([functools.partial(open_view, slide)]))
+    assert remote[0][0].max() > 0
+    assert_same_views(remote, local, (0,))
 
 
 def test_unreachable_scheduler_is_one_line(trained_run, tmp_path):

@@ -54,7 +54,10 @@ def connect(scheduler=None, workers=None):
     workers = max(1, (os.cpu_count() or 2) // 2) if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"a local Dask cluster needs at least 1 worker, got {workers}")
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    except Exception as error:  # e.g. workers that cannot start (memory, a script without a main guard)
+        raise OSError(f"cannot start a local Dask cluster of {workers} workers ({error})") from None
     return Client(cluster), cluster
 
 
