@@ -38,7 +38,8 @@ def dataset_key(spec):
 def summarise(run_dir):
     config = json.load(open(os.path.join(run_dir, "config.json")))
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
-    mean, std = metrics.get("mean", metrics), metrics.get("std", {})
+    # one run: its primary block (pooled for detection and classification); folds: their mean
+    mean, std = metrics.get(metrics.get("primary", "mean"), metrics), metrics.get("std", {})
     if "per_fold" in metrics:
         metrics = {**metrics, "per_fold": _fold_metrics(run_dir, metrics)}
     key = (config["task"], dataset_key(config["data"]), config["model"])
@@ -81,7 +82,7 @@ def _epochs_run(metrics):
 
 
 def _per_class_f1(metrics):
-    classes = metrics.get("mean", metrics).get("per_class") or []
+    classes = metrics.get("per_class") or metrics.get("mean", {}).get("per_class") or []
     return {c["name"]: c["f1"] for c in classes if "name" in c and "f1" in c}
 
 

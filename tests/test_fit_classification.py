@@ -76,14 +76,14 @@ def test_metrics_cover_every_test_nucleus_and_nothing_else(classification_run, c
     # Split by image: the test patches are exactly the classified nuclei of the test images.
     assert [row["name"] for row in metrics["per_image"]] == split["test"]
     truth = np.concatenate([records[n].classes for n in split["test"]])
-    assert metrics["patches"] == metrics["n"] == len(truth)
+    assert metrics["pooled"]["n"] == len(truth) and metrics["primary"] == "pooled"
     assert [c["support"] for c in metrics["per_class"]] == np.bincount(truth, minlength=4).tolist()
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.shape == (4, 4) and matrix.sum() == len(truth)
     assert matrix.sum(axis=1).tolist() == np.bincount(truth, minlength=4).tolist()
-    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert metrics["pooled"]["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     for key in ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc", "macro_average_precision"):
-        assert 0.0 <= metrics[key] <= 1.0, key
+        assert 0.0 <= metrics["pooled"][key] <= 1.0, key
     for row in metrics["per_class"]:
         assert {"name", "precision", "recall", "f1", "support", "roc_auc", "average_precision"} <= set(row)
         for key in ("precision", "recall", "f1"):
@@ -94,9 +94,14 @@ def test_metrics_cover_every_test_nucleus_and_nothing_else(classification_run, c
 def test_evaluation_scores_a_perfect_and_a_wrong_classifier():
     y_true = np.array([0, 1, 2, 3, 3, 2, 1, 0, 0])
     names = ["epithelial", "inflammatory", "fibroblast", "others"]
-    perfect = classification.evaluate(y_true, np.eye(4)[y_true], names)
+    from kerasnuc.metrics import classification_report
+
+    def report(scores):
+        return classification_report(y_true, scores.argmax(axis=1), num_classes=4, class_names=names, y_score=scores)
+
+    perfect = report(np.eye(4)[y_true])
     assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0 and perfect["macro_roc_auc"] == 1.0
-    wrong = classification.evaluate(y_true, np.eye(4)[(y_true + 1) % 4], names)
+    wrong = report(np.eye(4)[(y_true + 1) % 4])
     assert wrong["accuracy"] == 0.0 and wrong["macro_f1"] == 0.0 and wrong["macro_roc_auc"] < 0.5
 
 

@@ -13,7 +13,7 @@ import time
 import keras
 import numpy as np
 
-from kerasnuc import metrics, models
+from kerasnuc import models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import ClassificationDataset, classified_points
 from kerasnuc.losses import get_loss
@@ -101,32 +101,14 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
     return history
 
 
-def predict_scores(model, records, config):
-    """(y_true (N,), y_score (N, K), sources (N, 3): record index, x, y) over every classified
-    nucleus of ``records``, each once, unaugmented, through the prediction engine (the same
-    patches and normalisation as ``ClassificationDataset(evaluation=True)``)."""
+def engine_for(model, config):
+    """The prediction engine over the trained classifier (patches and normalisation as
+    ``ClassificationDataset(evaluation=True)``)."""
     from kerasnuc.predict.engine import Predictor
     from kerasnuc.predict.runtimes import KerasRuntime
 
     meta = {"channels": config.channels, "patch": config.patch, "output_channels": int(model.output_shape[-1])}
-    engine = Predictor(KerasRuntime(model=model, meta=meta))
-    passes = config.mc_samples if models.is_stochastic(model) else 1
-    y_true, y_score, sources = [], [], []
-    for index, record in enumerate(records):
-        points, classes = classified_points(record)
-        if len(points) == 0:
-            continue
-        y_score.append(engine.classify(record.image, points, batch_size=max(config.batch_size, 64), samples=passes))
-        y_true.append(classes)
-        sources.append(np.column_stack([np.full(len(points), index), points]))
-    return (np.concatenate(y_true).astype(np.int64), np.concatenate(y_score).astype(np.float64),
-            np.concatenate(sources))
-
-
-def evaluate(y_true, y_score, class_names):
-    """classification_report of argmax predictions, with one-vs-rest ROC AUC and AP."""
-    return metrics.classification_report(y_true, np.argmax(y_score, axis=1), num_classes=len(class_names),
-                                         class_names=class_names, y_score=y_score)
+    return Predictor(KerasRuntime(model=model, meta=meta))
 
 
 def plot_confusion(matrix, class_names, path, title=""):
@@ -174,23 +156,25 @@ def run_task(config, run, records, split, log):
     plots.plot_history(history, run.file("curves.png"))
     model = keras.models.load_model(run.file("model.keras"))
 
-    y_true, y_score, sources = predict_scores(model, test_records, config)
-    report = evaluate(y_true, y_score, class_names)
-    per_image = []
-    predicted = np.argmax(y_score, axis=1)
-    for index, record in enumerate(test_records):
-        mine = sources[:, 0] == index
-        per_image.append({"name": record.name, "nuclei": int(mine.sum()),
-                          "accuracy": float(np.mean(predicted[mine] == y_true[mine]))})
+    # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
+    from training import evaluate as scorer
+
+    engine = engine_for(model, config)
+    passes = config.mc_samples if models.is_stochastic(model) else 1
+    batch = max(config.batch_size, 64)
+    result, _ = scorer.evaluate_classification(
+        test_records, lambda image, points: engine.classify(image, points, batch_size=batch, samples=passes),
+        class_names=class_names, num_classes=len(class_names), log=lambda message: None)
+    report = {**result["pooled"], "per_class": result["per_class"]}
     run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), "patches": int(len(y_true)), "patch": config.patch,
-        "class_names": class_names, **report, "per_image": per_image, "loss": loss,
+        "split": "test", "images": len(test_records), **result, "primary": "pooled",
+        "patch": config.patch, "loss": loss,
         "epochs": len(history.get("loss", [])), "train_seconds": round(train_seconds, 1),
         "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
     })
-    plot_confusion(report["confusion_matrix"], class_names, run.file("confusion.png"),
+    plot_confusion(result["confusion_matrix"], class_names, run.file("confusion.png"),
                    f"{config.model}: test accuracy {report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f}")
-    log(f"test ({len(test_records)} images, {len(y_true)} nuclei): accuracy {report['accuracy']:.3f}, "
+    log(f"test ({len(test_records)} images, {report['n']} nuclei): accuracy {report['accuracy']:.3f}, "
         f"macro F1 {report['macro_f1']:.3f}, weighted F1 {report['weighted_f1']:.3f}, "
         f"macro AUC {_float(report.get('macro_roc_auc')):.3f}")
     summary = {k: _float(report.get(k)) for k in ("accuracy", "macro_f1", "weighted_f1", "macro_roc_auc",

@@ -104,40 +104,6 @@ def peak_params(params):
     return {k: params[k] for k in PEAK_KEYS if k in params}
 
 
-def _finite(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def evaluate(densities, records, params, radius):
-    """Detections from density maps scored against the records' points.
-
-    Returns (summary, per_image, predictions): summary holds the pooled precision, recall,
-    f1, tp, fp, fn (counts summed over the images), mean_distance of the matched pairs,
-    and mean_precision/mean_recall/mean_f1 (per-image means); per_image one dict per image;
-    predictions the (K, 2) (x, y) detections per image.
-    """
-    per_image, predictions = [], []
-    for density, record in zip(densities, records):
-        found = centroids_from_density(density, **peak_params(params))
-        predictions.append(found)
-        scores = metrics.detection_scores(record_points(record), found, radius)
-        per_image.append({"name": record.name, **{k: _finite(v) for k, v in scores.items()}})
-    tp, fp, fn = (int(sum(row[k] for row in per_image)) for k in ("tp", "fp", "fn"))
-    precision = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
-    recall = tp / (tp + fn) if tp + fn else (1.0 if tp + fp == 0 else 0.0)
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    distance = sum(row["mean_distance"] * row["tp"] for row in per_image if row["tp"])
-    summary = {
-        "precision": float(precision), "recall": float(recall), "f1": float(f1),
-        "tp": float(tp), "fp": float(fp), "fn": float(fn),
-        "mean_distance": float(distance / tp) if tp else float("nan"),
-        "mean_precision": float(np.mean([row["precision"] for row in per_image])),
-        "mean_recall": float(np.mean([row["recall"] for row in per_image])),
-        "mean_f1": float(np.mean([row["f1"] for row in per_image])),
-    }
-    return summary, per_image, predictions
-
-
 def detections_for_thresholds(density, thresholds, min_distance):
     """{threshold: (K, 2) (x, y)} equal to ``centroids_from_density(density, threshold,
     min_distance)`` for each threshold, finding the peaks once at the lowest threshold.
@@ -247,22 +213,25 @@ def run_task(config, run, records, split, log):
         "detection": params, "match_radius": radius, "validation_f1": val_f1,
         "tuned_on": "val" if val_f1 is not None else None, "density_sigma": config.density_sigma})
 
+    # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
+    from training import evaluate as scorer
+
     test_densities = predict_densities(model, test_records, config, depth)
-    summary, per_image, predictions = evaluate(test_densities, test_records, params, radius)
-    pooled = {"precision": summary["precision"], "recall": summary["recall"], "f1": summary["f1"],
-              "tp": int(summary["tp"]), "fp": int(summary["fp"]), "fn": int(summary["fn"]),
-              "mean_distance": _finite(summary["mean_distance"])}
+    density_of = {id(r): d for r, d in zip(test_records, test_densities)}
+    result, artifacts = scorer.evaluate_detection(test_records, lambda record: {"mean": density_of[id(record)]},
+                                                  params, radius, log=lambda message: None)
+    pooled, per_image = result["pooled"], result["per_image"]
     run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), "match_radius": radius,
-        "primary": "pooled", **pooled, "pooled": pooled,
-        "mean_per_image": {k[5:]: summary[k] for k in ("mean_precision", "mean_recall", "mean_f1")},
-        "per_image": per_image, "postprocess": params, "loss": loss,
+        "split": "test", "images": len(test_records), **result, "primary": "pooled",
+        "match_radius": radius, "postprocess": params, "loss": loss,
         "density_sigma": config.density_sigma, "epochs": len(history.get("loss", [])),
         "train_seconds": round(train_seconds, 1),
         "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
     })
-    save_detections(test_records, predictions, per_image, run.file("detections.png"))
+    save_detections(test_records, artifacts["pred_points"], per_image, run.file("detections.png"))
     log(f"test ({len(test_records)} images, {pooled['tp'] + pooled['fn']} points, radius {radius:g} px): "
-        f"pooled P {summary['precision']:.3f} R {summary['recall']:.3f} F1 {summary['f1']:.3f}; "
-        f"per-image mean F1 {summary['mean_f1']:.3f}")
-    return {k: v for k, v in summary.items() if not math.isnan(v)}
+        f"pooled P {pooled['precision']:.3f} R {pooled['recall']:.3f} F1 {pooled['f1']:.3f}; "
+        f"per-image mean F1 {result['mean']['f1']:.3f}")
+    summary = {k: pooled[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "mean_distance")}
+    summary.update({f"mean_{k}": result["mean"].get(k) for k in ("precision", "recall", "f1")})
+    return {k: float(v) for k, v in summary.items() if v is not None and not math.isnan(v)}
