@@ -29,6 +29,22 @@ JAX_CLUSTER_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION
                          "KERAS_DISTRIBUTION_PROCESS_ID")
 
 
+# Checked with two local workers (Keras 3.15.1, TensorFlow 2.21): Keras 3's fit cannot train
+# across workers. Its symbolic build reduces a PerReplica data batch across workers ("Attempt to
+# convert a value (PerReplica...) to a Tensor"); past that, its metric reduction fails ("Invalid
+# reduction dimension 0 for input with 0 dimensions"): keras-team/keras#20585,
+# tensorflow/tensorflow#72388. One worker trains (and equals mirrored on one machine).
+MULTI_WORKER_BROKEN = ("distribute multi_worker: TF_CONFIG lists {workers} workers, but Keras {keras}'s fit "
+                       "cannot train with MultiWorkerMirroredStrategy across workers (keras-team/keras#20585); "
+                       "on several machines use KERAS_BACKEND=jax --distribute data_parallel")
+
+
+def _keras_version():
+    import keras
+
+    return keras.__version__
+
+
 def check_choice(choice, backend=None):
     """ValueError (one line) when ``choice`` is unknown or needs another Keras backend."""
     if choice not in CHOICES:
@@ -117,6 +133,9 @@ def _tf_strategy(choice):
         if not isinstance(cluster, dict) or "cluster" not in cluster or "task" not in cluster:
             raise ValueError("distribute multi_worker needs TF_CONFIG with 'cluster' and 'task' "
                              "(see README, Scale-out)")
+        workers = sum(len(v) for k, v in cluster["cluster"].items() if k in ("chief", "worker"))
+        if workers > 1:
+            raise ValueError(MULTI_WORKER_BROKEN.format(workers=workers, keras=_keras_version()))
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]

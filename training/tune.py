@@ -19,10 +19,12 @@ files are in tuner/ (pass --resume to continue a search there).
 Distributed search (Keras Tuner's own chief/worker mode, found from the environment): run
 the same command on every machine with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT
 (where the chief listens) and KERASTUNER_TUNER_ID: "chief" for the one process that holds
-the oracle, trains nothing and writes the results above once every trial is done (start it
-first), "tuner0", "tuner1", ... for the workers, which each ask the chief for a trial, train
-it and report back until max-trials are done. Workers write only their trial files in
-OUT/tuner/ and never the results; trials.json says which worker ran which trial.
+the oracle, trains nothing and writes the results above once every trial is done,
+"tuner0", "tuner1", ... for the workers, which each ask the chief for a trial, train
+it and report back until max-trials are done (they wait for the chief, so the order of
+starting does not matter). Workers write only their trial files in OUT/tuner/ and never the
+results; trials.json says which worker ran which trial. The chief waits for its workers: it
+returns once max-trials are done.
 """
 
 import csv
@@ -554,7 +556,7 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     tuner_dir = os.path.join(out, "tuner")
     role = distributed_role()
     worker = role is not None and role[0] == "worker"  # trains trials; never checks, clears or writes results
-    if not worker and os.path.exists(out) and os.listdir(out) and not (overwrite or resume):
+    if not worker and _holds_a_search(out) and not (overwrite or resume):
         raise TuneError(f"{out}: exists; choose another --out, pass --overwrite to start afresh "
                         "or --resume to continue its search")
 
@@ -666,6 +668,14 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     return best_path
 
 
+def _holds_a_search(out):
+    """True when ``out`` has anything but a worker's trial files (which may come first)."""
+    if not os.path.isdir(out):
+        return False
+    others = [name for name in os.listdir(out) if name != "tuner"]
+    return bool(others) or os.path.exists(os.path.join(out, "tuner", PROJECT, "oracle.json"))
+
+
 def _oracle_address():
     return f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
 
@@ -675,6 +685,7 @@ def _run_worker(search, tuner_id, train_data, val_data, epochs, log):
     writes the results)."""
     import grpc
 
+    log(f"{tuner_id}: asking the chief at {_oracle_address()} for trials")
     try:
         search.search(train_data, validation_data=val_data, epochs=epochs, verbose=0)
     except grpc.RpcError as error:
