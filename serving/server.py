@@ -31,7 +31,9 @@ base runs the official image).
   pixels of all admitted requests together; ``--max-inflight`` requests run the model at
   once, ``--max-queue`` more wait for a turn; beyond either budget: RESOURCE_EXHAUSTED
   (retry later). A request whose client has gone (cancelled, deadline passed) while it
-  waited is dropped without running the model.
+  waited is dropped without running the model; a batch of a kerasnuc export runs in chunks
+  of at most ``--chunk-mpix`` (images are independent: per-image normalisation, inference
+  BatchNorm) and stops between chunks when its client has gone.
 * Memory comes back after load: a request's working memory is about pixels x the model's
   activation width (bench/results/server_load.md measures it for the tiny bench U-Net), and
   the budgets above bound how much of it is live. Freed memory is handed back to the OS:
@@ -547,13 +549,14 @@ def _tf_error_code(error):
 class PredictionService:
     """PredictionService: Predict and GetModelMetadata (Classify/Regress/MultiInference: UNIMPLEMENTED).
 
-    ``stats`` counts what happened to requests: ``runs`` (model calls), ``cancelled`` (client
-    gone before its turn), and one entry per refusal code."""
+    ``stats`` counts what happened to requests: ``runs`` (requests that started the model),
+    ``chunks`` (model calls), ``cancelled`` (client gone before its turn or between chunks),
+    and one entry per refusal code."""
 
-    def __init__(self, registry, max_elements, gate=None, max_request_pixels=None):
+    def __init__(self, registry, max_elements, gate=None, max_request_pixels=None, chunk_pixels=MPIX // 2):
         self.registry, self.max_elements = registry, max_elements
         self.gate = gate or Gate(8, 16, 64 * MPIX)
-        self.max_request_pixels = max_request_pixels
+        self.max_request_pixels, self.chunk_pixels = max_request_pixels, chunk_pixels
         self.stats = Counter()
         self._stats_lock = threading.Lock()
 
@@ -561,23 +564,44 @@ class PredictionService:
         with self._stats_lock:
             self.stats[key] += 1
 
+    def _chunk_size(self, model, arrays, cost):
+        """Images per model call: kerasnuc exports treat every image of a batch on its own (per-image
+        normalisation, inference-mode BatchNorm), so a large batch runs in chunks of at most
+        ``chunk_pixels`` and a cancelled request stops between them. Other SavedModels: whole."""
+        batches = {len(value) for value in arrays.values() if np.ndim(value) >= 1}
+        if not model.meta or len(batches) != 1 or not cost:
+            return None
+        batch = batches.pop()
+        return max(1, int(self.chunk_pixels // max(1, cost // batch)))
+
     def _run(self, model, signature, decode, cost, context):
-        """Run the model in the gate's turn; None when the client went away first."""
+        """Run the model in the gate's turn; None when the client went away first (before the
+        model ran or between chunks of a batch)."""
         import tensorflow as tf
 
         with self.gate.slot(cost, context.is_active) as turn:
             if not turn or not context.is_active():
                 self._count("cancelled")
                 return None
-            inputs = {key: tf.convert_to_tensor(value) for key, value in decode().items()}
-            if not context.is_active():  # decoding a large request takes a while
-                self._count("cancelled")
-                return None
+            arrays = decode()
+            size = self._chunk_size(model, arrays, cost)
+            batch = len(next(iter(arrays.values()))) if size else 1
+            parts = []
             self._count("runs")
-            try:
-                return {key: value.numpy() for key, value in model.function(signature)(**inputs).items()}
-            except tf.errors.OpError as error:
-                raise _Abort(_tf_error_code(error), f"model rejected the input: {_one_line(error)}") from None
+            for start in range(0, batch, size or 1):
+                if not context.is_active():  # decoding and earlier chunks take a while
+                    self._count("cancelled")
+                    return None
+                chunk = {key: tf.convert_to_tensor(value[start:start + size] if size else value)
+                         for key, value in arrays.items()}
+                self._count("chunks")
+                try:
+                    parts.append({key: value.numpy() for key, value in model.function(signature)(**chunk).items()})
+                except tf.errors.OpError as error:
+                    raise _Abort(_tf_error_code(error), f"model rejected the input: {_one_line(error)}") from None
+            if len(parts) == 1:
+                return parts[0]
+            return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def Predict(self, request, context):
         import tensorflow as tf
@@ -666,7 +690,8 @@ SPARE_THREADS = 4  # handler threads beyond the admitted requests: metadata, sta
 
 
 def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=64, poll_seconds=2.0,
-                  log=None, max_inflight=None, max_queue=None, max_request_mpix=4.0, max_inflight_mpix=16.0):
+                  log=None, max_inflight=None, max_queue=None, max_request_mpix=4.0, max_inflight_mpix=16.0,
+                  chunk_mpix=0.5):
     """Start serving ``base``; returns (grpc server, bound port, registry). ``port`` 0 picks a free one.
 
     ``threads`` is the default of ``max_inflight`` (requests running the model at once);
@@ -688,7 +713,7 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
                                   ("grpc.max_send_message_length", max(limit, 256 * 2 ** 20))],
                          maximum_concurrent_rpcs=handlers)  # beyond: RESOURCE_EXHAUSTED from gRPC itself
     service = PredictionService(registry, max_elements=limit, gate=gate,
-                                max_request_pixels=int(max_request_mpix * MPIX))
+                                max_request_pixels=int(max_request_mpix * MPIX), chunk_pixels=int(chunk_mpix * MPIX))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -726,6 +751,8 @@ def main(argv=None):
                         help="largest request: batch x padded height x width x passes, Mpix (default 4)")
     parser.add_argument("--max-inflight-mpix", type=_positive(float), default=16.0, dest="max_inflight_mpix",
                         help="pixels of all admitted requests together, Mpix (default 16)")
+    parser.add_argument("--chunk-mpix", type=_positive(float), default=0.5, dest="chunk_mpix",
+                        help="kerasnuc batches run in model calls of at most this many Mpix (default 0.5)")
     parser.add_argument("--max-message-mb", type=_positive(float), default=64, dest="max_message_mb",
                         help="largest request message accepted, MiB (default 64)")
     parser.add_argument("--poll", type=_positive(float), default=2.0, help="seconds between scans for new versions")
@@ -749,7 +776,7 @@ def main(argv=None):
         server, port, registry = create_server(args.base, args.host, args.port, args.threads,
                                                args.max_message_mb, args.poll, max_inflight=args.max_inflight,
                                                max_queue=args.max_queue, max_request_mpix=args.max_request_mpix,
-                                               max_inflight_mpix=args.max_inflight_mpix)
+                                               max_inflight_mpix=args.max_inflight_mpix, chunk_mpix=args.chunk_mpix)
     except OSError as error:
         sys.exit(f"serving.server: {error}")
     models = registry.models()

@@ -24,6 +24,7 @@ from test_serving import _request  # noqa: E402
 
 MAX_REQUEST_MPIX = 0.05   # 50,000 px: 216 x 216 fits, 224 x 224 (after padding to 8) does not
 MAX_INFLIGHT_MPIX = 0.1
+CHUNK_MPIX = 0.002        # 2,000 px: a batch of 40 x 40 images runs one image per model call
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def served(export):
     """One request runs at a time, one more may wait; small pixel budgets."""
     server, port, registry = srv.create_server(export["base"], port=0, max_inflight=1, max_queue=1,
                                                max_request_mpix=MAX_REQUEST_MPIX,
-                                               max_inflight_mpix=MAX_INFLIGHT_MPIX, poll_seconds=30,
+                                               max_inflight_mpix=MAX_INFLIGHT_MPIX, chunk_mpix=CHUNK_MPIX,
+                                               poll_seconds=30,
                                                log=lambda m: None)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield {"stub": prediction_service_pb2_grpc.PredictionServiceStub(channel), "service": server.predictions,
@@ -106,6 +108,21 @@ def test_empty_and_odd_shapes_get_clear_invalid_argument(served):
     for shape in [(1, 1, 1, 3), (1, 3, 1000, 1), (2, 7, 5, 3)]:  # odd but valid: served, cropped back
         maps = tf.make_ndarray(stub.Predict(_request(np.full(shape, 9, np.uint8)), timeout=30).outputs["maps"])
         assert maps.shape == shape[:3] + (1,) and np.isfinite(maps).all()
+
+
+def test_batches_run_in_chunks_equal_to_the_whole_batch(served, export):
+    stub, stats = served["stub"], served["service"].stats
+    images = np.random.default_rng(1).integers(0, 255, size=(3, 40, 40, 3), dtype=np.uint8)
+    images[1] //= 4  # a different intensity range per image: normalisation stays per image
+    ranges = np.array([[0, 255], [0, 63], [10, 200]], np.float32)
+    chunks = stats["chunks"]
+    request = _request(images, signature="with_range")
+    request.inputs["intensity_range"].CopyFrom(tf.make_tensor_proto(ranges))
+    maps = tf.make_ndarray(stub.Predict(request, timeout=30).outputs["maps"])
+    assert stats["chunks"] == chunks + 3
+    whole = tf.saved_model.load(export["v1"]).signatures["with_range"](
+        image=tf.constant(images), intensity_range=tf.constant(ranges))["maps"].numpy()
+    np.testing.assert_allclose(maps, whole, atol=1e-5)
 
 
 def test_pixel_budgets(served):
