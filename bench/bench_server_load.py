@@ -263,10 +263,13 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
             return True
 
     def call(stub, request, timeout):
+        """(code name, response or None, busy: a RESOURCE_EXHAUSTED that asks to retry later)."""
         try:
-            return "OK", stub.Predict(request, timeout=timeout)
+            return "OK", stub.Predict(request, timeout=timeout), False
         except grpc.RpcError as error:
-            return error.code().name, None
+            details = error.details() or ""
+            busy = details.startswith("server busy") or "Concurrent RPC limit" in details
+            return error.code().name, None, busy
 
     def client(seed):
         rng = random.Random(seed)
@@ -282,8 +285,8 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
                     request = requests.cached("metadata", lambda: requests.predict(None, "metadata"))
                 began = time.perf_counter()
                 for attempt in range(BUSY_RETRIES + 1):
-                    code, response = call(stub, request, 120)
-                    if code != "RESOURCE_EXHAUSTED" or attempt == BUSY_RETRIES:
+                    code, response, busy = call(stub, request, 120)
+                    if not busy or attempt == BUSY_RETRIES:
                         break
                     with lock:
                         busy_retries[kind] += 1
@@ -358,7 +361,8 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
         thread.join()
     elapsed = time.perf_counter() - start
     copy_thread.join(timeout=max(0.0, args.seconds))
-    return {"codes": codes, "latencies": latencies, "busy_retries": busy_retries, "versions": versions,
+    return {"started_at": start, "codes": codes, "latencies": latencies, "busy_retries": busy_retries,
+            "versions": versions,
             "first_v2_s": first_v2[0], "elapsed_s": elapsed, "sent": sent[0], "copy": copy_times}
 
 
@@ -394,7 +398,8 @@ def main(argv=None):
         channels = []
 
         def stub_factory():
-            channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 128 * 2 ** 20)])
+            channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 128 * 2 ** 20),
+                                                             ("grpc.max_receive_message_length", 256 * 2 ** 20)])
             channels.append(channel)
             return prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
@@ -446,6 +451,8 @@ def main(argv=None):
         "responses_by_version": dict(tallies["versions"]),
         "copy": tallies["copy"], "first_v2_response_s": tallies["first_v2_s"],
         "load_failures_logged": sum("cannot load" in line for line in log),
+        "v2_loaded_s": next((round(t - tallies["started_at"], 2) for t, line in server.lines
+                             if "serving unet version 2" in line), None),
         "rss_mb": {"at_start": round(rss_start, 1), "baseline_after_warmup": round(baseline, 1),
                    "peak": round(max(r for _, r in samples), 1) if samples else None,
                    "final_after_settle": round(final, 1), "final_minus_baseline": round(final - baseline, 1)},
@@ -482,7 +489,9 @@ def write_markdown(path, r):
               f"Server-side Predict outcomes: `{r['server_predict_outcomes']}`.", "",
               f"Version 2 copied file by file ({r['copy'].get('files')} files, saved_model.pb first) from "
               f"{r['copy'].get('started_s', float('nan')):.1f} s to {r['copy'].get('finished_s', float('nan')):.1f} s; "
-              f"load failures logged: {r['load_failures_logged']}; first response from version 2 at "
+              f"load failures logged: {r['load_failures_logged']}; version 2 loaded at "
+              + (f"{r['v2_loaded_s']:.1f} s" if r["v2_loaded_s"] is not None else "never")
+              + "; first response from version 2 at "
               + (f"{r['first_v2_response_s']:.1f} s" if r["first_v2_response_s"] is not None else "never")
               + f"; responses by version: {r['responses_by_version']}.", "",
               "| server VmRSS MB | at start | after warm-up (baseline) | peak | final (after "
