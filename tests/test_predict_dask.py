@@ -192,6 +192,8 @@ def test_stream_on_a_cluster_equals_the_serial_stream_and_reports_a_failing_work
     assert_same_views(remote, local, (1,))
     assert remote[1][2] == 5 and remote[1][0].max() > 0  # the slide: glass skipped, nuclei in the tissue
     assert joined[1].status == "running"  # a client given is not closed
+    with pytest.raises(AttributeError, match="stream"):
+        predictor.predict_instances  # would run on the client, not the cluster
 
 
 def test_tflite_on_a_cluster_equals_litert_here(trained_run, slide, joined, tmp_path):

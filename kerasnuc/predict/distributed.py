@@ -87,6 +87,9 @@ class DaskPredictor:
     def __getattr__(self, name):
         if name == "predictor":
             raise AttributeError(name)
+        if name.startswith(("predict", "run_")) or name == "classify":  # these would run here, not on the cluster
+            raise AttributeError(f"DaskPredictor runs on the cluster through stream(paths); "
+                                 f"its .predictor.{name} runs on this machine")
         return getattr(self.predictor, name)
 
     def __enter__(self):
@@ -100,7 +103,17 @@ class DaskPredictor:
         if self._owned:
             self.client.close()
             if self.cluster is not None:
-                self.cluster.close()
+                import logging
+
+                # workers that imported TensorFlow take seconds to exit and are then killed, with a
+                # warning per worker that asks nothing of the user
+                nanny = logging.getLogger("distributed.nanny")
+                level = nanny.level
+                nanny.setLevel(logging.ERROR)
+                try:
+                    self.cluster.close()
+                finally:
+                    nanny.setLevel(level)
             self._owned = False
 
     def workers(self):
