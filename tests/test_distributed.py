@@ -23,15 +23,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model": "unet", "model_config": {"filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0},
         "data": "sample", "tile": 64, "batch_size": 8, "steps_per_epoch": 3, "epochs": 1, "seed": 5,
         "loss": "bce", "augment": {"flip": False, "rotate90": False, "brightness": 0.0, "contrast": 0.0},
-        "tune_postprocess": False, "test_fraction": 0.03}
-# Two logical CPUs for TensorFlow, set before anything initialises it.
-TF_TWO_CPUS = """
+        "tune_postprocess": False, "val_fraction": 0.05, "test_fraction": 0.03}
+# Both runs in one process (half the start-up and compiling): one device, then all of them.
+# TensorFlow gets two logical CPUs before anything initialises it.
+BOTH_RUNS = """
 import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+if sys.argv[1] == "tensorflow":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from training import fit
-fit.main(sys.argv[1:])
+config, out = sys.argv[2:4]
+for flag in sys.argv[4:]:
+    fit.main(["--config", config, "--distribute", flag, "--out", f"{out}/{flag}"])
 """
 
 
@@ -45,16 +49,16 @@ def _env(**extra):
     return env
 
 
-def _fit(tmp_path, name, env, distribute_flag, script=None):
-    """One training.fit run in a subprocess; returns (run folder, its log)."""
+def _fit_both(tmp_path, backend, flag, **env):
+    """training.fit with --distribute none, then ``flag``, in one subprocess; returns the two
+    run folders and the log."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    out = tmp_path / name
-    command = ([sys.executable, "-c", script] if script else [sys.executable, "-m", "training.fit"]) + [
-        "--config", str(config), "--distribute", distribute_flag, "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", BOTH_RUNS, backend, str(config), str(tmp_path), "none", flag]
+    result = subprocess.run(command, cwd=ROOT, env=_env(KERAS_BACKEND=backend, **env), capture_output=True,
+                            text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout
+    return tmp_path / "none", tmp_path / flag, result.stdout
 
 
 def _weights(run):
@@ -89,9 +93,7 @@ def _assert_same_training(one, many):
 
 def test_mirrored_on_two_cpus_equals_one_device(tmp_path):
     pytest.importorskip("tensorflow")
-    env = _env(KERAS_BACKEND="tensorflow")
-    one, _ = _fit(tmp_path, "one", env, "none", TF_TWO_CPUS)
-    many, log = _fit(tmp_path, "mirrored", env, "mirrored", TF_TWO_CPUS)
+    one, many, log = _fit_both(tmp_path, "tensorflow", "mirrored")
     assert "distribute: mirrored, 2 replicas (MirroredStrategy), 4 crops per replica" in log
     assert json.load(open(many / "config.json"))["distribute"] == "mirrored"
     _assert_same_training(one, many)
@@ -99,9 +101,8 @@ def test_mirrored_on_two_cpus_equals_one_device(tmp_path):
 
 def test_data_parallel_on_two_jax_devices_equals_one_device(tmp_path):
     pytest.importorskip("jax")
-    env = _env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    one, _ = _fit(tmp_path, "one", env, "none")
-    many, log = _fit(tmp_path, "data_parallel", env, "data_parallel")
+    one, many, log = _fit_both(tmp_path, "jax", "data_parallel",
+                               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert "distribute: data_parallel over 2 devices" in log and "4 crops per device" in log
     _assert_same_training(one, many)
 
@@ -168,8 +169,8 @@ def test_keras_tuner_chief_and_two_workers_share_one_search(tmp_path):
     out, port = tmp_path / "search", _free_port()
     command = [sys.executable, "-m", "training.tune", "--model", "unet", "--model-config",
                '{"filters": 4, "depth": 2}', "--data", "sample", "--tile", "64", "--batch-size", "8",
-               "--steps-per-epoch", "2", "--epochs", "1", "--seed", "3", "--max-trials", "3",
-               "--max-epochs", "1", "--filters", "4", "--depth", "2", "--out", str(out)]
+               "--steps-per-epoch", "2", "--epochs", "1", "--seed", "3", "--val-fraction", "0.05",
+               "--max-trials", "3", "--max-epochs", "1", "--filters", "4", "--depth", "2", "--out", str(out)]
     logs, processes = {}, []
     try:
         # The workers first: they wait for the chief, so both hold a request when it starts
@@ -181,8 +182,9 @@ def test_keras_tuner_chief_and_two_workers_share_one_search(tmp_path):
             with open(logs[tuner_id], "w") as handle:
                 processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle,
                                                   stderr=subprocess.STDOUT, text=True))
-            if tuner_id != "chief":
-                _wait_for(logs[tuner_id], f"{tuner_id}: asking the chief", processes, 150)
+            if tuner_id == "tuner1":
+                for worker in ("tuner0", "tuner1"):
+                    _wait_for(logs[worker], f"{worker}: asking the chief", processes, 200)
         for process in processes:
             process.wait(timeout=300)
     finally:
