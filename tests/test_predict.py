@@ -177,3 +177,38 @@ def test_litert_runtime_without_tensorflow_gives_the_keras_instances(trained_run
     lite = np.load(tmp_path / "lite.npy")
     keras_labels, _ = kerasnuc.load(trained_run).predict_instances(read_image(image_path))
     assert metrics.aggregated_jaccard_index(keras_labels, lite) >= 0.99
+
+
+def test_objects_wider_than_the_block_context_are_counted_not_silently_lost():
+    from kerasnuc.predict.engine import responsible_ids
+
+    labels = np.zeros((100, 100), np.uint32)
+    labels[40:60, 40:60] = 1          # inside the core, whole: kept
+    labels[0:70, 45:55] = 2           # centroid in the core, runs into the top context border: lost
+    labels[90:100, 0:10] = 3          # centroid outside the core: another block's
+    kept, lost = responsible_ids(labels, (30, 70, 30, 70), touches=(True, True, True, True))
+    assert kept.tolist() == [1] and lost == 1
+    # at the image border (no context beyond it) the same object is whole and kept
+    kept, lost = responsible_ids(labels, (30, 70, 30, 70), touches=(False, True, True, True))
+    assert kept.tolist() == [1, 2] and lost == 0
+
+
+class _Bright:
+    """A runtime whose foreground map is the image itself (no network)."""
+
+    meta = {"task": "segmentation", "channels": 1, "input_multiple": 1, "normalization": "minmax",
+            "tile_margin": 0, "output_channels": 1, "postprocess": {"threshold": 0.5, "min_area": 1}}
+
+    def run(self, batch):
+        return (np.asarray(batch, np.float32) > 0.5).astype(np.float32)
+
+
+def test_predict_instances_warns_when_objects_outgrow_the_block_context():
+    image = np.zeros((256, 256, 1), np.uint8)
+    image[20:236, 120:136] = 255
+    narrow = Predictor(_Bright(), _Bright.meta, block=64, block_overlap=16)
+    with pytest.warns(UserWarning, match="wider than the block context"):
+        labels, _ = narrow.predict_instances(image)
+    wide = Predictor(_Bright(), _Bright.meta, block=64, block_overlap=256)
+    labels, table = wide.predict_instances(image)
+    assert len(table["id"]) == 1 and np.count_nonzero(labels) == 216 * 16

@@ -114,6 +114,9 @@ def main(argv=None):
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="predict every block of a slide (default: skip glass found on the thumbnail)")
     parser.add_argument("--block", type=int, default=2048, help="block side for large images (default 2048)")
+    parser.add_argument("--block-overlap", type=int, dest="block_overlap", metavar="PX",
+                        help="context around each block (default: the model's receptive radius + 64 px); "
+                             "must exceed the largest nucleus, which is otherwise dropped at seams (counted)")
     parser.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="1..8",
                         help="test-time augmentation: average this many dihedral views (default 1: none)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist")
@@ -141,7 +144,7 @@ def main(argv=None):
 
     try:
         predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block,
-                         tta=args.tta)
+                         block_overlap=args.block_overlap, tta=args.tta)
     except (OSError, ValueError) as error:
         sys.exit(f"kerasnuc.predict: {error}")
     model_mpp = predictor.meta.get("mpp")
@@ -160,7 +163,7 @@ def main(argv=None):
     views = [functools.partial(open_view, path, args.mpp, model_mpp, args.image_mpp, policy) for path, _ in todo]
     from rich.progress import Progress
 
-    written, failed, nuclei = [], [], 0
+    written, failed, nuclei, oversized = [], [], 0, 0
     outputs, broken = {}, set()
     started = time.perf_counter()
 
@@ -193,6 +196,7 @@ def main(argv=None):
                     progress.reset(blocks, total=result.total, description=os.path.basename(path))
                 if not result.skipped:
                     outputs[index].add(result)
+                    oversized += result.oversized
                 progress.update(blocks, completed=result.done)
                 if result.done == result.total:
                     done = outputs.pop(index)
@@ -218,6 +222,10 @@ def main(argv=None):
           + (f"; {len(skipped)} skipped (outputs exist; --overwrite to redo)" if skipped else "")
           + (f"; {len(failed)} skipped as bad: {', '.join(f['file'] for f in failed)} (see skipped.json)"
              if failed else ""))
+    if oversized:
+        from kerasnuc.predict.engine import oversized_message
+
+        print(f"kerasnuc.predict: warning: {oversized_message(oversized, predictor.overlap())}", file=sys.stderr)
     getattr(predictor, "close", lambda: None)()  # a Dask client and its local cluster
     if args.skip_bad:
         from kerasnuc.runs import write_json_atomic

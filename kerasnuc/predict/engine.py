@@ -231,10 +231,11 @@ class Predictor:
 
         view = as_view(image)
         labels = labels_out if labels_out is not None else np.zeros(view.shape[:2], np.uint32)
-        tables = []
+        tables, oversized = [], 0
         for result in self.stream([view], tile, margin, samples):
             if result.error is not None:
                 raise result.error
+            oversized += result.oversized
             paste_labels(labels, result)
             if result.table is not None and len(result.table["id"]):
                 tables.append(result.table)
@@ -242,6 +243,10 @@ class Predictor:
                 progress(result.done, result.total)
         table = concat_tables(tables) if tables else empty_table(view.shape[2], self.classifier is not None,
                                                                  self.stochastic)
+        if oversized:
+            import warnings
+
+            warnings.warn(oversized_message(oversized, self.overlap()), stacklevel=2)
         return labels, table
 
     def stream(self, views, tile=None, margin=None, samples=None, skip_glass=True, depth=2, outlines=False):
@@ -342,8 +347,8 @@ class Predictor:
         top, bottom, left, right = item.box
         r0, r1, c0, c1 = item.core
         local = instances(item.maps, self.meta.get("postprocess") or {})
-        keep = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
-                               touches=(top > 0, bottom < height, left > 0, right < width))
+        keep, item.oversized = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
+                                               touches=(top > 0, bottom < height, left > 0, right < width))
         kept = np.zeros(int(local.max(initial=0)) + 1, bool)
         kept[keep] = True
         local = np.where(kept[local], local, 0)
@@ -375,6 +380,7 @@ class BlockResult:
         self.crop = self.maps = self.variance = self.labels = self.value_range = None
         self.classifier_range = self.table = self.rings = None
         self.glass = False
+        self.oversized = 0  # objects wider than the block context, dropped (see responsible_ids)
 
     @property
     def skipped(self):
@@ -516,12 +522,14 @@ def block_grid(height, width, block, multiple=1):
 
 
 def responsible_ids(labels, core, touches):
-    """Ids of ``labels`` (a block with context) that this block decides: centroid inside the
-    core, and not touching a context border that is inside the image (it may be cut there)."""
+    """(kept, lost): ids of ``labels`` (a block with context) that this block decides, i.e.
+    centroid inside the core and not touching a context border that is inside the image (it
+    may be cut there); and how many had their centroid inside the core but touched such a
+    border: objects wider than the block context, which no block can keep whole."""
     rows, cols = np.nonzero(labels)
     values = labels[rows, cols]
     if len(values) == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), 0
     count = np.bincount(values)
     ids = np.nonzero(count)[0]
     ids = ids[ids > 0]
@@ -533,7 +541,14 @@ def responsible_ids(labels, core, touches):
     for side, touching in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), touches):
         if touching:
             cut[side[side > 0]] = True
-    return ids[inside & ~cut[ids]]
+    return ids[inside & ~cut[ids]], int(np.count_nonzero(inside & cut[ids]))
+
+
+def oversized_message(count, overlap):
+    """What to tell a user whose objects are wider than the block context."""
+    return (f"{count} objects wider than the block context ({overlap} px) were dropped at block seams; "
+            f"raise the block overlap (--block-overlap, Predictor(block_overlap=...)) above the largest "
+            "nucleus, or the block size")
 
 
 def _floor_to(value, multiple):
