@@ -146,6 +146,14 @@ def test_multi_worker_needs_tf_config_and_refuses_several_workers(monkeypatch):
         distribute._tf_strategy("multi_worker")
 
 
+def test_data_parallel_refuses_several_machines_for_now(monkeypatch):
+    # Verified only outside training.fit (see training/distribute.py): say so, do not crash later.
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_NUM_PROCESSES set, but training.fit trains on one "
+                                         "machine's devices only"):
+        distribute._jax_scope(8, print)
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

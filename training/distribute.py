@@ -1,15 +1,16 @@
 """Data-parallel training across devices and machines, chosen by ``--distribute``.
 
 * ``data_parallel`` (KERAS_BACKEND=jax): ``keras.distribution.DataParallel`` over
-  ``keras.distribution.list_devices()``; every batch is split along its first axis over
-  the devices, variables are replicated. Several machines: set
-  ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator's host:port first),
-  ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and ``KERAS_DISTRIBUTION_PROCESS_ID`` on each;
-  ``keras.distribution.initialize()`` then joins them before anything runs on a device.
+  ``keras.distribution.list_devices()``; every batch is one global array split along its
+  first axis over the devices, variables are replicated. One machine only so far: with
+  ``KERAS_DISTRIBUTION_*`` set (several machines, ``keras.distribution.initialize()``) it
+  stops with an error saying why (MULTI_HOST_TODO below).
 * ``mirrored`` (tensorflow): ``tf.distribute.MirroredStrategy`` over the machine's GPUs
   (its logical CPUs when it has none).
 * ``multi_worker`` (tensorflow): ``tf.distribute.MultiWorkerMirroredStrategy``, one
   process per machine, each reading its cluster and its own index from ``TF_CONFIG``.
+  Keras 3.15's fit cannot train across workers (MULTI_WORKER_BROKEN below), so a TF_CONFIG
+  listing more than one worker is refused with that reason.
 * ``auto``: data_parallel on JAX and mirrored on TensorFlow when there is more than one
   accelerator, else none.
 
@@ -33,10 +34,20 @@ JAX_CLUSTER_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION
 # across workers. Its symbolic build reduces a PerReplica data batch across workers ("Attempt to
 # convert a value (PerReplica...) to a Tensor"); past that, its metric reduction fails ("Invalid
 # reduction dimension 0 for input with 0 dimensions"): keras-team/keras#20585,
-# tensorflow/tensorflow#72388. One worker trains (and equals mirrored on one machine).
+# tensorflow/tensorflow#72388. A single worker trains (checked on a toy model).
 MULTI_WORKER_BROKEN = ("distribute multi_worker: TF_CONFIG lists {workers} workers, but Keras {keras}'s fit "
                        "cannot train with MultiWorkerMirroredStrategy across workers (keras-team/keras#20585); "
-                       "on several machines use KERAS_BACKEND=jax --distribute data_parallel")
+                       "train on one machine's GPUs with --distribute mirrored")
+
+
+# Checked with two local JAX processes (keras.distribution.initialize, DataParallel): training
+# works and equals one process when each process feeds its own slice of the global batch
+# (auto_shard_dataset=False; Keras refuses a PyDataset otherwise), but training.fit does not slice
+# its PyDatasets per process yet, and its held-out evaluation (predict_on_batch inside the
+# distribution) cannot fetch arrays that span other hosts.
+MULTI_HOST_TODO = ("distribute data_parallel: {given} set, but training.fit trains on one machine's devices "
+                   "only so far (its batches are not yet split per process and its evaluation cannot read "
+                   "arrays spanning other hosts; see README, Scale-out); unset them")
 
 
 def _keras_version():
@@ -95,29 +106,17 @@ def _check_batch(batch_size, replicas, what):
 
 
 def _jax_scope(batch_size, log):
-    """DataParallel over every device of the cluster (joined first when its variables are set)."""
+    """DataParallel over this machine's devices."""
     import keras
 
     given = [name for name in JAX_CLUSTER_VARIABLES if os.environ.get(name)]
     if given:
-        if len(given) < len(JAX_CLUSTER_VARIABLES):
-            missing = sorted(set(JAX_CLUSTER_VARIABLES) - set(given))
-            raise ValueError(f"data_parallel on several machines needs all of {', '.join(JAX_CLUSTER_VARIABLES)}; "
-                             f"missing {', '.join(missing)}")
-        keras.distribution.initialize()
+        raise ValueError(MULTI_HOST_TODO.format(given=", ".join(given)))
     devices = keras.distribution.list_devices()
-    distribution = keras.distribution.DataParallel(devices=devices)
-    processes = getattr(distribution, "num_processes", 1) or 1
     _check_batch(batch_size, len(devices), "data_parallel")
-    if processes > 1:
-        import jax
-
-        log(f"distribute: data_parallel, process {jax.process_index()} of {processes}, "
-            f"{len(devices)} devices in all, global batch {batch_size}")
-    else:
-        log(f"distribute: data_parallel over {len(devices)} devices ({', '.join(map(str, devices))}), "
-            f"{batch_size // len(devices)} crops per device")
-    return distribution.scope()
+    log(f"distribute: data_parallel over {len(devices)} devices ({', '.join(map(str, devices))}), "
+        f"{batch_size // len(devices)} crops per device")
+    return keras.distribution.DataParallel(devices=devices).scope()
 
 
 def _tf_strategy(choice):
@@ -145,8 +144,8 @@ def _tf_strategy(choice):
 def distribution_scope(choice, batch_size, log=print):
     """Set up ``choice`` and return the context manager to build, compile and fit the model in.
 
-    Called before TensorFlow or JAX run anything (multi-worker TensorFlow and multi-host
-    JAX must configure their collectives first). Raises ValueError (one line) for a
+    Called before TensorFlow or JAX run anything (multi-worker TensorFlow must configure its
+    collectives first). Raises ValueError (one line) for a
     choice that does not fit the backend, a missing cluster description or a global batch
     that does not split evenly.
     """
