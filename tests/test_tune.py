@@ -171,3 +171,23 @@ def test_dice_weight_is_searched_as_a_number():
     with pytest.raises(tune.TuneError, match="needs the bce_dice loss"):
         tune.search_space(unet, losses=["bce"], dice_weight_range=(0.5, 1.5))
     assert tune.build_parser().parse_args(["--dice-weight-range", "0.5,1.5"]).dice_weight_range == (0.5, 1.5)
+
+
+def test_distributed_role_comes_from_keras_tuners_variables(monkeypatch, tmp_path):
+    for name in tune.DISTRIBUTED_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert tune.distributed_role() is None
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner3")
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    with pytest.raises(tune.TuneError, match="missing KERASTUNER_ORACLE_PORT"):
+        tune.distributed_role()
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "8000")
+    assert tune.distributed_role() == ("worker", "tuner3")
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    assert tune.distributed_role() == ("chief", "chief")
+    # A worker that started first leaves only its trial files: the chief may still start there.
+    (tmp_path / "tuner" / tune.PROJECT / "trial_0").mkdir(parents=True)
+    (tmp_path / "tuner" / tune.PROJECT / "tuner1.json").write_text("{}")
+    assert not tune._holds_a_search(str(tmp_path))
+    (tmp_path / "tuner" / tune.PROJECT / "oracle.json").write_text("{}")
+    assert tune._holds_a_search(str(tmp_path))
