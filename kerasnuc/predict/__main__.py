@@ -15,6 +15,8 @@ unless ``--overwrite``. A bad input (unreadable, truncated, over ``--max-pixels`
 run with one error naming it and exit code 1 (the finished images' files are whole, the
 unfinished ones removed); with ``--skip-bad`` it is skipped and listed (file and reason) in
 the summary and in ``skipped.json`` in the output folder, and the others go on.
+``--dask`` runs one task per block on a local Dask cluster (``--dask-workers N``), or on an
+existing one with ``--scheduler ADDRESS``, with the same outputs (:mod:`kerasnuc.predict.distributed`).
 """
 
 import argparse
