@@ -13,7 +13,7 @@ pass: valid tiles (batch 1-4, fixed and random odd sizes, ``serving_default`` an
 0-100 ms, requests with a 50 ms deadline, and floods of 12 tiles fired at once (the server
 admits 6 with its defaults). Valid requests that get RESOURCE_EXHAUSTED
 (server busy) are retried with back-off, as a polite client would; any other outcome on a
-valid request is an error. A third of the way in, version 2 is copied into the base file by
+valid request is an error. A third of the way in (requests or seconds), version 2 is copied into the base file by
 file (``saved_model.pb`` first, ``--copy-delay`` seconds between files, files over 64 kB
 in four pieces half that apart), so the server sees incomplete folders and half-written
 files. The server's VmRSS is sampled every 0.1 s from /proc.
@@ -50,7 +50,7 @@ WEIGHTS = {"valid": 45, "large": 2, "metadata": 5, "malformed": 12, "oversized":
 # limit exceeded"; any request may meet it under a flood. RESOURCE_EXHAUSTED alone: message over the limit.
 EXPECTED = {"valid": {"OK"}, "large": {"OK"}, "metadata": {"OK"}, "malformed": {"INVALID_ARGUMENT", "BUSY"},
             "oversized": {"INVALID_ARGUMENT", "BUSY"}, "broadcast": {"INVALID_ARGUMENT", "BUSY"},
-            "huge_message": {"RESOURCE_EXHAUSTED"}, "cancelled": {"CANCELLED", "OK", "BUSY"},
+            "huge_message": {"RESOURCE_EXHAUSTED", "BUSY"}, "cancelled": {"CANCELLED", "OK", "BUSY"},
             "deadline": {"DEADLINE_EXCEEDED", "OK", "BUSY"}, "flood": {"OK", "BUSY"}}
 VALID_KINDS = ("valid", "large", "metadata")
 TILE_SHAPES = [(1, 256, 256), (2, 256, 256), (4, 256, 256), (1, 192, 192), (4, 128, 128)]
@@ -251,6 +251,8 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
     """The client threads and the slow copier; returns the raw tallies."""
     import grpc
 
+    from serving.server import BUSY_PREFIX
+
     codes = defaultdict(Counter)
     latencies = defaultdict(list)
     busy_retries = Counter()
@@ -284,7 +286,7 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
     def outcome(error):
         details = error.details() or ""
         if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (
-                details.startswith("server busy") or "Concurrent RPC limit" in details):
+                details.startswith(BUSY_PREFIX) or "Concurrent RPC limit" in details):
             return "BUSY"
         return error.code().name
 
@@ -354,8 +356,10 @@ def run_load(args, requests, stub_factory, server, source, target_dir):
                 record(kind, call(stub, request, 60)[0])
 
     def copier():
-        """Copy version 2 in file by file, slowly, saved_model.pb first (not atomic)."""
-        time.sleep(args.seconds * args.copy_at)
+        """Copy version 2 in file by file, slowly, saved_model.pb first (not atomic), once
+        ``--copy-at`` of the requests were sent or of the seconds passed."""
+        while sent[0] < args.copy_at * args.requests and time.perf_counter() - start < args.copy_at * args.seconds:
+            time.sleep(0.05)
         files = []
         for root, _, names in os.walk(source):
             files += [os.path.relpath(os.path.join(root, name), source) for name in names]
@@ -401,7 +405,7 @@ def main(argv=None):
                         help="extra serving.server flags, e.g. '--onednn' or '--max-inflight 4'")
     parser.add_argument("--poll", type=float, default=0.5, help="server --poll seconds")
     parser.add_argument("--copy-at", type=float, default=0.33, dest="copy_at",
-                        help="start copying version 2 at this fraction of --seconds")
+                        help="start copying version 2 at this fraction of --requests or --seconds, the sooner")
     parser.add_argument("--copy-delay", type=float, default=1.5, dest="copy_delay",
                         help="seconds between the files of the slow copy")
     parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before the final RSS")

@@ -6,9 +6,9 @@
 Large images are cut into tiles (``--tile``, overlapping by ``2 * --margin``; defaults
 from the model's metadata), each tile normalised with the whole image's intensity range
 (the ``with_range`` signatures), several requests in flight at once (``--in-flight``),
-each with a deadline (``--timeout``); UNAVAILABLE is retried with exponential backoff
-(``--retries``). The maps are reassembled by keeping each tile's centre and
-post-processed with the export's tuned thresholds:
+each with a deadline (``--timeout``); UNAVAILABLE, and RESOURCE_EXHAUSTED from a busy
+``serving.server``, are retried with exponential backoff (``--retries``). The maps are
+reassembled by keeping each tile's centre and post-processed with the export's tuned thresholds:
 
 * segmentation: ``<stem>_labels.png`` (16-bit instance labels);
 * detection: ``<stem>_centroids.csv`` (x, y);
@@ -37,7 +37,14 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+from serving.server import BUSY_PREFIX  # noqa: E402
+
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def retryable(code, details):
+    """UNAVAILABLE, and RESOURCE_EXHAUSTED that says the server is busy (not: message too large)."""
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(BUSY_PREFIX))
 
 
 class ServingError(RuntimeError):
@@ -118,8 +125,9 @@ class ServingClient:
                 return {key: from_tensor_proto(value) for key, value in response.outputs.items()}
             except grpc.RpcError as error:
                 code = error.code() if hasattr(error, "code") else None
-                if code not in RETRYABLE or attempt >= self.retries:
-                    raise ServingError(code, error.details() if hasattr(error, "details") else str(error)) from None
+                details = (error.details() if hasattr(error, "details") else str(error)) or ""
+                if not retryable(code, details) or attempt >= self.retries:
+                    raise ServingError(code, details) from None
                 delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
                 attempt += 1
                 with self._count_lock:

@@ -2,7 +2,7 @@
 
     python -m serving.server --base EXPORT_BASE [--port 8500] [--host 127.0.0.1]
         [--max-inflight 2] [--max-queue 4] [--max-request-mpix 4] [--max-inflight-mpix 16]
-        [--malloc-mmap-kb 1024] [--onednn]
+        [--chunk-mpix 0.5] [--malloc-mmap-kb 1024] [--onednn]
 
 Serves ``EXPORT_BASE/<model>/<version>/`` SavedModels (``tf.saved_model.load``) with
 ``tensorflow_serving.apis``: PredictionService ``Predict`` and ``GetModelMetadata``,
@@ -68,6 +68,7 @@ DEFAULT_SIGNATURE = "serving_default"
 MPIX = 1_000_000
 MAX_BACKOFF_SECONDS = 60.0
 WAIT_STEP_SECONDS = 0.05  # how often a queued request checks that its client is still there
+BUSY_PREFIX = "server busy"  # RESOURCE_EXHAUSTED that asks to retry later (serving.client retries it)
 TRIM_EVERY_SECONDS = 10.0  # under constant load, hand freed memory back at least this often
 
 
@@ -309,11 +310,11 @@ class Gate:
         with self._cond:
             if self.running + self.waiting >= self.max_inflight + self.max_queue:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"server busy: {self.running} requests running, {self.waiting} queued "
+                             f"{BUSY_PREFIX}: {self.running} requests running, {self.waiting} queued "
                              f"(--max-inflight {self.max_inflight}, --max-queue {self.max_queue}); retry later")
             if self.pixels + cost > self.max_pixels:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"server busy: {self.pixels / MPIX:.2f} Mpix in flight, this request needs "
+                             f"{BUSY_PREFIX}: {self.pixels / MPIX:.2f} Mpix in flight, this request needs "
                              f"{cost / MPIX:.2f} more (--max-inflight-mpix {self.max_pixels / MPIX:g}); retry later")
             self.waiting += 1
             self.pixels += cost
