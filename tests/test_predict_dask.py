@@ -249,3 +249,28 @@ def test_engine_and_this_module_import_without_dask():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "NO-BLOCKED-IMPORTS" in result.stdout
     assert "REFUSED prediction on a Dask cluster needs dask.distributed: pip install 'kerasnuc[dask]'" in result.stdout
+
+
+def test_tf_serving_target_is_used_from_every_worker(trained_run, slide, joined, tmp_path):
+    pytest.importorskip("tensorflow_serving.apis")
+    import functools
+
+    import kerasnuc
+    from export import saved_model
+    from kerasnuc.predict.sources import open_view
+    from serving.server import create_server
+
+    base = str(tmp_path / "exports")
+    name = os.path.basename(os.path.dirname(saved_model.export_saved_model(trained_run, base, log=lambda m: None)))
+    server, port, registry = create_server(base, port=0, threads=4, poll_seconds=60, log=lambda m: None)
+    target = f"127.0.0.1:{port}"
+    try:
+        with dask_predict.DaskPredictor(target, model_name=name, client=joined[1], block=BLOCK) as predictor:
+            remote = stitched(predictor.stream([slide]))
+        served = kerasnuc.load(target, model_name=name, block=BLOCK)
+        local = stitched(served.stream([functools.partial(open_view, slide)]))
+    finally:
+        registry.stop()
+        server.stop(0)
+    assert remote[0][0].max() > 0
+    assert_same_views(remote, local, (0,))
