@@ -107,6 +107,39 @@ def test_data_parallel_on_two_jax_devices_equals_one_device(tmp_path):
     _assert_same_training(one, many)
 
 
+SHORT_LAST_BATCH = """
+import numpy as np, keras
+from training.distribute import whole_batches
+class Nuclei(keras.utils.PyDataset):  # like ClassificationDataset(evaluation=True): 4 + 3 samples
+    def __len__(self):
+        return 2
+    def __getitem__(self, i):
+        n = 4 if i == 0 else 3
+        return np.full((n, 8, 8, 3), i, "float32"), np.full((n,), i, "int32")
+with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).scope():
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs)))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    even = whole_batches(Nuclei())
+    print("batches", [len(even[i][0]) for i in range(len(even))])
+    print("evaluated", model.evaluate(even, verbose=0))
+    try:
+        model.evaluate(Nuclei(), verbose=0)
+    except Exception as error:
+        print("unpatched:", type(error).__name__)
+"""
+
+
+def test_a_short_last_batch_is_cut_to_whole_device_multiples():
+    pytest.importorskip("jax")
+    result = subprocess.run([sys.executable, "-c", SHORT_LAST_BATCH], cwd=ROOT, capture_output=True, text=True,
+                            env=_env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                            timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batches [4, 2]" in result.stdout and "evaluated [" in result.stdout
+    assert "unpatched: IndivisibleError" in result.stdout  # what fit's validation hit without it
+
+
 def test_the_choice_must_fit_the_backend(monkeypatch, capsys):
     with pytest.raises(ValueError, match="needs KERAS_BACKEND=jax, but Keras runs on tensorflow"):
         distribute.check_choice("data_parallel", "tensorflow")

@@ -21,6 +21,7 @@ returned scope (training.fit does that in one place).
 """
 
 import contextlib
+import functools
 import json
 import os
 
@@ -162,3 +163,46 @@ def distribution_scope(choice, batch_size, log=print):
     log(f"distribute: {choice}, {replicas} replicas ({type(strategy).__name__}), "
         f"{batch_size // replicas} crops per replica")
     return strategy.scope()
+
+
+def whole_batches(dataset):
+    """``dataset``, or under a JAX ``keras.distribution`` over N devices a view of it whose
+    batches are cut to a multiple of N samples. Why: JAX cannot split a batch of 3 over 2
+    devices (IndivisibleError in fit's validation); only an evaluation dataset's last batch is
+    ever short (ClassificationDataset(evaluation=True)), so at most N-1 of its samples are left
+    out of the validation metrics. tf.distribute splits uneven batches itself."""
+    import keras
+
+    if dataset is None or keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
+        return dataset
+    devices = len(keras.distribution.distribution().device_mesh.devices.flatten())
+    return dataset if devices == 1 else _even_batches_class()(dataset, devices)
+
+
+@functools.cache
+def _even_batches_class():
+    """The PyDataset class below, made on first use (this module imports no Keras at load)."""
+    import keras
+
+    class EvenBatches(keras.utils.PyDataset):
+        """Batches of ``dataset`` cut to a multiple of ``multiple`` samples (a last batch
+        shorter than that is left out)."""
+
+        def __init__(self, dataset, multiple):
+            super().__init__()
+            self.dataset, self.multiple = dataset, int(multiple)
+            last = len(dataset) - 1
+            self.length = len(dataset) - (1 if last >= 0 and len(dataset[last][0]) < self.multiple else 0)
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, index):
+            batch = self.dataset[index]
+            keep = len(batch[0]) // self.multiple * self.multiple
+            return tuple(part[:keep] for part in batch)
+
+        def on_epoch_end(self):
+            self.dataset.on_epoch_end()
+
+    return EvenBatches
