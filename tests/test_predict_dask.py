@@ -274,3 +274,25 @@ def test_tf_serving_target_is_used_from_every_worker(trained_run, slide, joined,
         server.stop(0)
     assert remote[0][0].max() > 0
     assert_same_views(remote, local, (0,))
+
+
+def test_classifier_on_the_workers_equals_the_serial_run(trained_run, slide, joined, tmp_path):
+    import functools
+
+    import keras
+
+    import kerasnuc
+    from kerasnuc import models
+    from kerasnuc.predict.sources import open_view
+    from kerasnuc.runs import write_run
+
+    keras.utils.set_random_seed(4)
+    dcrn = models.build("dcrn", input_shape=(16, 16, 3), num_classes=3, blocks=2, layers_per_block=2,
+                        growth=4, initial_filters=8, steps=1)
+    classifier = write_run(str(tmp_path / "dcrn"), dcrn, task="classification", model_name="dcrn", patch=16)
+    with dask_predict.DaskPredictor(trained_run, classifier=classifier, client=joined[1], block=BLOCK) as predictor:
+        remote = stitched(predictor.stream([slide]))
+    here = kerasnuc.load(trained_run, classifier=classifier, block=BLOCK)
+    local = stitched(here.stream([functools.partial(open_view, slide)]))
+    assert {"class", "class_probability"} <= set(remote[0][1]) and len(remote[0][1]["class"])
+    assert_same_views(remote, local, (0,))
