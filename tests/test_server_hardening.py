@@ -20,6 +20,7 @@ from export import saved_model as sm  # noqa: E402
 from kerasnuc import models  # noqa: E402
 from kerasnuc.runs import write_run  # noqa: E402
 from serving import server as srv  # noqa: E402
+from serving.client import ServingClient, ServingError  # noqa: E402
 from test_serving import _request  # noqa: E402
 
 MAX_REQUEST_MPIX = 0.05   # 50,000 px: 216 x 216 fits, 224 x 224 (after padding to 8) does not
@@ -50,7 +51,7 @@ def served(export):
                                                log=lambda m: None)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield {"stub": prediction_service_pb2_grpc.PredictionServiceStub(channel), "service": server.predictions,
-           "gate": server.predictions.gate}
+           "gate": server.predictions.gate, "target": f"127.0.0.1:{port}"}
     channel.close()
     registry.stop()
     server.stop(0)
@@ -151,6 +152,30 @@ def test_full_queue_is_resource_exhausted_at_once(served):
         details = _refused(stub, _request(image), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert time.time() - started < 5 and "--max-queue" in details
     assert queued.result().outputs["maps"].tensor_shape.dim[1].size == 32  # the queued one ran afterwards
+
+
+def test_client_retries_a_busy_server_but_not_an_oversized_request(served):
+    gate = served["gate"]
+    meta = {"task": "segmentation", "channels": 3, "multiple": 8}
+    client = ServingClient(served["target"], "unet", timeout=30, retries=6, backoff=0.05, metadata=meta,
+                           log=lambda m: None)
+    image = {"image": np.zeros((1, 32, 32, 3), np.uint8)}
+    try:
+        with gate.slot(0):
+            queued = served["stub"].Predict.future(_request(image["image"]), timeout=60)
+            _wait_for(lambda: gate.waiting == 1)  # running slot and queue both taken
+            answer = {}
+            worker = threading.Thread(target=lambda: answer.update(client.predict("serving_default", image)))
+            worker.start()
+            _wait_for(lambda: client.retried >= 1)
+        worker.join(30)
+        assert answer["maps"].shape == (1, 32, 32, 1) and queued.result()
+        retried = client.retried
+        with pytest.raises(ServingError) as info:  # over the per-request budget: not worth retrying
+            client.predict("serving_default", {"image": np.zeros((1, 256, 256, 3), np.uint8)})
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and client.retried == retried
+    finally:
+        client.close()
 
 
 def test_cancelled_and_expired_requests_do_not_run_the_model(served):
