@@ -15,8 +15,10 @@ once (:data:`_PREDICTORS`) and keeps its last few views open (:data:`_VIEWS`).
 
 Model and inputs must be at the same paths on the client and every worker (a shared file
 system); relative paths are made absolute on the client. A TF-Serving target works too:
-every worker sends its requests to it. Importing this module needs no Dask, TensorFlow,
-Keras or JAX.
+every worker sends its requests to it. Monte-Carlo passes draw on each worker's random
+state, so a stochastic model's maps are not bit-equal to a serial run's. A script that starts
+a local cluster needs an ``if __name__ == "__main__":`` guard (workers are spawned processes
+that import it). Importing this module needs no Dask, TensorFlow, Keras or JAX.
 """
 
 import collections
@@ -116,10 +118,6 @@ class DaskPredictor:
                     nanny.setLevel(level)
             self._owned = False
 
-    def workers(self):
-        """Threads of the cluster's workers, {address: threads}."""
-        return self.client.nthreads()
-
     def stream(self, views, tile=None, margin=None, samples=None, skip_glass=True, outlines=False, window=None):
         """:class:`BlockResult` for every block of every view, in order, as
         :meth:`Predictor.stream` gives them (same ids, labels and tables).
@@ -138,7 +136,7 @@ class DaskPredictor:
         in_flight = 0
         try:
             while True:
-                while in_flight < window:
+                while in_flight < window and len(pending) < 4 * window:  # glass blocks queue too
                     item = next(planned, None)
                     if item is None:
                         break
