@@ -157,7 +157,7 @@ class DaskPredictor:
                     continue
                 if future is not None:
                     try:
-                        item.labels, item.table, item.rings = future.result()
+                        item.labels, item.table, item.rings, item.oversized = future.result()
                     except Exception as error:  # reported for this view; the others go on
                         item.error = error
                     del future
@@ -191,8 +191,8 @@ def _plan_of(item):
 
 
 def run_block(spec, opener, plan, tile=None, margin=None, samples=None, outlines=False):
-    """On a worker: (block-local labels, table with ``label``, outlines or None) of one planned
-    block, with this process's copy of the model and of the view."""
+    """On a worker: (block-local labels, table with ``label``, outlines or None, objects too
+    wide for the block context) of one planned block, with this process's copy of the model and of the view."""
     predictor, lock = _predictor(spec)
     view = _view(opener)
     result = BlockResult(plan["index"], view, core=plan["core"], box=plan["box"], done=plan["done"],
@@ -209,7 +209,7 @@ def run_block(spec, opener, plan, tile=None, margin=None, samples=None, outlines
         STATS["blocks"] += 1
     labels = result.labels
     compact = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
-    return labels.astype(compact), result.table, result.rings
+    return labels.astype(compact), result.table, result.rings, result.oversized
 
 
 def worker_stats():
