@@ -99,17 +99,37 @@ def test_mirrored_on_two_cpus_equals_one_device(tmp_path):
     _assert_same_training(one, many)
 
 
-def test_data_parallel_on_two_jax_devices_equals_one_device(tmp_path):
+def test_data_parallel_on_two_jax_devices_and_on_two_processes_equals_one_device(tmp_path):
     pytest.importorskip("jax")
     one, many, log = _fit_both(tmp_path, "jax", "data_parallel",
                                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert "distribute: data_parallel over 2 devices" in log and "4 crops per device" in log
     _assert_same_training(one, many)
 
+    # Two machines, as two processes of one device each on loopback (keras.distribution.initialize):
+    # each feeds its half of every batch; both end with the weights of one device.
+    cluster = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{_free_port()}",
+               "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+    processes = [subprocess.Popen([sys.executable, "-m", "training.fit", "--config", str(tmp_path / "tiny.json"),
+                                   "--distribute", "data_parallel", "--out", str(tmp_path / f"host{i}")],
+                                  cwd=ROOT, env=_env(KERAS_BACKEND="jax", KERAS_DISTRIBUTION_PROCESS_ID=str(i),
+                                                     **cluster),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        logs = [process.communicate(timeout=400)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for i, (process, text) in enumerate(zip(processes, logs)):
+        assert process.returncode == 0, text[-3000:]
+        assert f"data_parallel over 2 devices, process {i} of 2" in text
+        _assert_same_training(one, tmp_path / f"host{i}")
+
 
 SHORT_LAST_BATCH = """
 import numpy as np, keras
-from training.distribute import whole_batches
+from training.distribute import local_batches
 class Nuclei(keras.utils.PyDataset):  # like ClassificationDataset(evaluation=True): 4 + 3 samples
     def __len__(self):
         return 2
@@ -120,7 +140,7 @@ with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs)))
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    even = whole_batches(Nuclei())
+    even = local_batches(Nuclei())
     print("batches", [len(even[i][0]) for i in range(len(even))])
     print("evaluated", model.evaluate(even, verbose=0))
     try:
@@ -179,11 +199,11 @@ def test_multi_worker_needs_tf_config_and_refuses_several_workers(monkeypatch):
         distribute._tf_strategy("multi_worker")
 
 
-def test_data_parallel_refuses_several_machines_for_now(monkeypatch):
-    # Verified only outside training.fit (see training/distribute.py): say so, do not crash later.
+def test_data_parallel_on_several_machines_needs_all_three_variables(monkeypatch):
+    for name in distribute.JAX_CLUSTER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
-    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_NUM_PROCESSES set, but training.fit trains on one "
-                                         "machine's devices only"):
+    with pytest.raises(ValueError, match="missing KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_PROCESS_ID"):
         distribute._jax_scope(8, print)
 
 

@@ -5,7 +5,7 @@ import time
 
 import keras
 
-from training.distribute import whole_batches
+from training.distribute import local_batches
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -103,6 +103,6 @@ def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budge
         # shuffle=False: the batches are random draws already; Keras' shuffling of their order
         # (Python's random) would make the weights depend on how many passes it makes, and
         # those differ with --distribute.
-        model.fit(train_data, validation_data=whole_batches(val_data), epochs=epochs, initial_epoch=done,
-                  callbacks=callbacks, verbose=0, shuffle=False)
+        model.fit(local_batches(train_data), validation_data=local_batches(val_data), epochs=epochs,
+                  initial_epoch=done, callbacks=callbacks, verbose=0, shuffle=False)
     return read_history(run.file("history.csv"))

@@ -2,9 +2,10 @@
 
 * ``data_parallel`` (KERAS_BACKEND=jax): ``keras.distribution.DataParallel`` over
   ``keras.distribution.list_devices()``; every batch is one global array split along its
-  first axis over the devices, variables are replicated. One machine only so far: with
-  ``KERAS_DISTRIBUTION_*`` set (several machines, ``keras.distribution.initialize()``) it
-  stops with an error saying why (MULTI_HOST_TODO below).
+  first axis over the devices, variables are replicated. Several machines: set
+  ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator's host:port), ``_NUM_PROCESSES`` and
+  ``_PROCESS_ID`` on each; ``keras.distribution.initialize()`` joins them first, and each
+  process feeds its slice of every batch (:func:`local_batches`).
 * ``mirrored`` (tensorflow): ``tf.distribute.MirroredStrategy`` over the machine's GPUs
   (its logical CPUs when it has none).
 * ``multi_worker`` (tensorflow): ``tf.distribute.MultiWorkerMirroredStrategy``, one
@@ -39,16 +40,6 @@ JAX_CLUSTER_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION
 MULTI_WORKER_BROKEN = ("distribute multi_worker: TF_CONFIG lists {workers} workers, but Keras {keras}'s fit "
                        "cannot train with MultiWorkerMirroredStrategy across workers (keras-team/keras#20585); "
                        "train on one machine's GPUs with --distribute mirrored")
-
-
-# Checked with two local JAX processes (keras.distribution.initialize, DataParallel): training
-# works and equals one process when each process feeds its own slice of the global batch
-# (auto_shard_dataset=False; Keras refuses a PyDataset otherwise), but training.fit does not slice
-# its PyDatasets per process yet, and its held-out evaluation (predict_on_batch inside the
-# distribution) cannot fetch arrays that span other hosts.
-MULTI_HOST_TODO = ("distribute data_parallel: {given} set, but training.fit trains on one machine's devices "
-                   "only so far (its batches are not yet split per process and its evaluation cannot read "
-                   "arrays spanning other hosts; see README, Scale-out); unset them")
 
 
 def _keras_version():
@@ -107,17 +98,28 @@ def _check_batch(batch_size, replicas, what):
 
 
 def _jax_scope(batch_size, log):
-    """DataParallel over this machine's devices."""
+    """DataParallel over every device of the cluster (joined first when its variables are set)."""
     import keras
 
     given = [name for name in JAX_CLUSTER_VARIABLES if os.environ.get(name)]
     if given:
-        raise ValueError(MULTI_HOST_TODO.format(given=", ".join(given)))
+        if len(given) < len(JAX_CLUSTER_VARIABLES):
+            missing = sorted(set(JAX_CLUSTER_VARIABLES) - set(given))
+            raise ValueError(f"data_parallel on several machines needs {', '.join(JAX_CLUSTER_VARIABLES)}; "
+                             f"missing {', '.join(missing)}")
+        keras.distribution.initialize()
+    import jax
+
     devices = keras.distribution.list_devices()
     _check_batch(batch_size, len(devices), "data_parallel")
-    log(f"distribute: data_parallel over {len(devices)} devices ({', '.join(map(str, devices))}), "
+    processes = jax.process_count()
+    # Several processes: each feeds its own slice of every batch (local_batches), so Keras
+    # must not try to shard the PyDataset itself (it only can for tf.data).
+    distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=processes == 1)
+    where = f", process {jax.process_index()} of {processes}" if processes > 1 else ""
+    log(f"distribute: data_parallel over {len(devices)} devices{where} ({', '.join(map(str, devices))}), "
         f"{batch_size // len(devices)} crops per device")
-    return keras.distribution.DataParallel(devices=devices).scope()
+    return distribution.scope()
 
 
 def _tf_strategy(choice):
@@ -165,32 +167,41 @@ def distribution_scope(choice, batch_size, log=print):
     return strategy.scope()
 
 
-def whole_batches(dataset):
-    """``dataset``, or under a JAX ``keras.distribution`` over N devices a view of it whose
-    batches are cut to a multiple of N samples. Why: JAX cannot split a batch of 3 over 2
-    devices (IndivisibleError in fit's validation); only an evaluation dataset's last batch is
-    ever short (ClassificationDataset(evaluation=True)), so at most N-1 of its samples are left
-    out of the validation metrics. tf.distribute splits uneven batches itself."""
+def local_batches(dataset):
+    """What this process feeds to ``fit`` under a JAX ``keras.distribution`` over N devices in
+    P processes: each batch cut to a multiple of N samples, then this process's 1/P of it
+    (process p: rows p*B/P to (p+1)*B/P). Why: JAX cannot split a batch of 3 over 2 devices
+    (IndivisibleError; only an evaluation dataset's last batch is ever short, e.g.
+    ClassificationDataset(evaluation=True), so at most N-1 of its samples are left out of
+    the validation metrics), and with several processes Keras joins the processes' batches
+    into one global batch. Every process draws the same global batch (same seed), so the
+    result is what one process training on the whole batch gives. Otherwise ``dataset``."""
     import keras
 
     if dataset is None or keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
         return dataset
+    import jax
+
     devices = len(keras.distribution.distribution().device_mesh.devices.flatten())
-    return dataset if devices == 1 else _even_batches_class()(dataset, devices)
+    if devices == 1:
+        return dataset
+    return _local_batches_class()(dataset, devices, jax.process_index(), jax.process_count())
 
 
 @functools.cache
-def _even_batches_class():
+def _local_batches_class():
     """The PyDataset class below, made on first use (this module imports no Keras at load)."""
     import keras
 
-    class EvenBatches(keras.utils.PyDataset):
-        """Batches of ``dataset`` cut to a multiple of ``multiple`` samples (a last batch
-        shorter than that is left out)."""
+    class LocalBatches(keras.utils.PyDataset):
+        """Batches of ``dataset`` cut to a multiple of ``multiple`` samples (a last batch shorter
+        than that is left out), then slice ``process`` of ``processes`` equal slices."""
 
-        def __init__(self, dataset, multiple):
-            super().__init__()
+        def __init__(self, dataset, multiple, process=0, processes=1):
+            super().__init__(workers=dataset.workers, use_multiprocessing=dataset.use_multiprocessing,
+                             max_queue_size=dataset.max_queue_size)
             self.dataset, self.multiple = dataset, int(multiple)
+            self.process, self.processes = int(process), int(processes)
             last = len(dataset) - 1
             self.length = len(dataset) - (1 if last >= 0 and len(dataset[last][0]) < self.multiple else 0)
 
@@ -199,10 +210,11 @@ def _even_batches_class():
 
         def __getitem__(self, index):
             batch = self.dataset[index]
-            keep = len(batch[0]) // self.multiple * self.multiple
-            return tuple(part[:keep] for part in batch)
+            share = len(batch[0]) // self.multiple * self.multiple // self.processes
+            rows = slice(self.process * share, (self.process + 1) * share)
+            return tuple(part[rows] for part in batch)
 
         def on_epoch_end(self):
             self.dataset.on_epoch_end()
 
-    return EvenBatches
+    return LocalBatches
