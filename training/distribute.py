@@ -39,7 +39,7 @@ JAX_CLUSTER_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION
 # tensorflow/tensorflow#72388. A single worker trains (checked on a toy model).
 MULTI_WORKER_BROKEN = ("distribute multi_worker: TF_CONFIG lists {workers} workers, but Keras {keras}'s fit "
                        "cannot train with MultiWorkerMirroredStrategy across workers (keras-team/keras#20585); "
-                       "train on one machine's GPUs with --distribute mirrored")
+                       "use --distribute mirrored on one machine, or KERAS_BACKEND=jax --distribute data_parallel on several")
 
 
 def _keras_version():
