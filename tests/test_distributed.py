@@ -169,6 +169,9 @@ def test_the_choice_must_fit_the_backend(monkeypatch, capsys):
     with pytest.raises(ValueError, match="distribute must be one of"):
         distribute.check_choice("horovod", "jax")
     distribute.check_choice("none", "torch")
+    assert distribute.resolve_choice("auto") in ("none", "data_parallel", "mirrored")
+    if not distribute._accelerators(keras_backend()):
+        assert distribute.resolve_choice("auto") == "none"  # CPUs only: one device, as before
     with pytest.raises(ValueError, match="must be divisible by the 3 replicas"):
         distribute._check_batch(8, 3, "mirrored")
     # The CLI says it in one line, before loading anything.
@@ -205,6 +208,12 @@ def test_data_parallel_on_several_machines_needs_all_three_variables(monkeypatch
     monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="missing KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_PROCESS_ID"):
         distribute._jax_scope(8, print)
+
+
+def keras_backend():
+    import keras
+
+    return keras.backend.backend()
 
 
 def _free_port():

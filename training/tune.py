@@ -588,6 +588,9 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
     log("search space: " + "; ".join(_describe(s) for s in hp_space))
     if role:
         log(f"distributed search: {role[1]} ({role[0]}), oracle at {_oracle_address()}")
+    if config.distribute != "none":
+        log(f"note: distribute={config.distribute} is kept in best_config.json for training.fit; each trial "
+            "trains on one device (for several devices, run one worker per device)")
 
     train_records, val_records, split = prepare_records(config, log)
     train_records, val_records, context = task_records(task, config, train_records, val_records)
