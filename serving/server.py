@@ -706,7 +706,7 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
         raise ValueError(f"max_inflight_mpix ({max_inflight_mpix:g}) must be at least max_request_mpix "
                          f"({max_request_mpix:g})")
     gate = Gate(max_inflight, max_queue, int(max_inflight_mpix * MPIX))
-    registry = ModelRegistry(base, poll_seconds, log).start()
+    registry = ModelRegistry(base, poll_seconds, log)  # started once the port is bound
     limit = int(max_message_mb * 2 ** 20)
     handlers = max_inflight + max_queue + SPARE_THREADS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=handlers, thread_name_prefix="predict"),
@@ -717,11 +717,14 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
                                 max_request_pixels=int(max_request_mpix * MPIX), chunk_pixels=int(chunk_mpix * MPIX))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # newer grpcio raises instead of returning 0
+        bound = 0
     if not bound:
-        registry.stop()
         raise OSError(f"cannot bind {host}:{port}")
     server.predictions = service
+    registry.start()
     server.start()
     threading.Thread(target=_trim_memory_loop, args=(gate, registry._stop), name="memory-trim", daemon=True).start()
     return server, bound, registry
