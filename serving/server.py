@@ -492,8 +492,9 @@ def request_pixels(model, signature, shapes):
 
 
 def _decode_inputs(request, model, signature, max_elements, max_pixels=None):
-    """({key: ndarray}, pixel cost) from the request, checked against the signature and the
-    per-request pixel budget (else INVALID_ARGUMENT) before any value is decoded."""
+    """(decode, pixel cost): the request checked against the signature and the per-request pixel
+    budget (else INVALID_ARGUMENT) before any value is decoded; ``decode()`` gives {key: ndarray}
+    later, once the request has its turn."""
     import tensorflow as tf
 
     specs = model.inputs[signature]
