@@ -43,7 +43,7 @@ def test_slow_first_epoch_does_not_end_the_budget_early():
     budget = TimeBudget(4.0 / 60, lambda message: None)
     budget.on_train_begin()
     budget._start -= 3.0
-    budget._durations = [3.0]
+    budget.durations = [3.0]
     assert budget.next_epoch_estimate() == 3.0
-    budget._durations = [3.0, 0.05, 0.08]
+    budget.durations = [3.0, 0.05, 0.08]
     assert budget.next_epoch_estimate() == 0.08
