@@ -25,15 +25,17 @@ base runs the official image).
   one-line reason and the server keeps serving; an unknown model or version gets NOT_FOUND.
 * Load is bounded, and every bound answers at once instead of queueing for ever:
   ``--max-message-mb`` (gRPC max_receive_message_length; RESOURCE_EXHAUSTED);
-  ``--max-request-mpix``: the pixels one request may cost, batch x height x width padded to
-  the model's multiple x the passes of its signature (Monte-Carlo ``uncertainty``: T): more
-  is INVALID_ARGUMENT (send tiles, as serving.client does); ``--max-inflight-mpix``: the
-  pixels of all admitted requests together; ``--max-inflight`` requests run the model at
+  ``--max-request-mpix``: the pixels one model call of a request may cost, images x height x
+  width padded to the model's multiple x the passes live at once (Monte-Carlo
+  ``uncertainty``: T, at most 10 in parallel): more is INVALID_ARGUMENT (send tiles, as
+  serving.client does). A batch of a kerasnuc export runs in calls of at most ``--chunk-mpix``
+  (at least one image; images are independent: per-image normalisation, inference
+  BatchNorm), other SavedModels in one call. ``--max-inflight-mpix``: the pixels of the
+  calls of all admitted requests together; ``--max-inflight`` requests run the model at
   once, ``--max-queue`` more wait for a turn; beyond either budget: RESOURCE_EXHAUSTED
-  (retry later). A request whose client has gone (cancelled, deadline passed) while it
-  waited is dropped without running the model; a batch of a kerasnuc export runs in chunks
-  of at most ``--chunk-mpix`` (images are independent: per-image normalisation, inference
-  BatchNorm) and stops between chunks when its client has gone.
+  "server busy" (retry later). A request whose client has gone (cancelled, deadline passed)
+  while it waited is dropped without running the model, and a chunked batch stops between
+  calls.
 * Memory comes back after load: a request's working memory is about pixels x the model's
   activation width (bench/results/server_load.md measures it for the tiny bench U-Net), and
   the budgets above bound how much of it is live. Freed memory is handed back to the OS:
@@ -66,6 +68,7 @@ import numpy as np  # noqa: E402
 
 DEFAULT_SIGNATURE = "serving_default"
 MPIX = 1_000_000
+MAP_FN_PARALLEL = 10  # tf.map_fn's parallel_iterations inside a graph (export.saved_model's MC passes)
 MAX_BACKOFF_SECONDS = 60.0
 WAIT_STEP_SECONDS = 0.05  # how often a queued request checks that its client is still there
 BUSY_PREFIX = "server busy"  # RESOURCE_EXHAUSTED that asks to retry later (serving.client retries it)
@@ -91,9 +94,10 @@ class LoadedModel:
         return max(1, int(self.meta.get("multiple") or 1))
 
     def passes(self, signature):
-        """Network passes one request of ``signature`` makes (T for Monte-Carlo ``uncertainty*``)."""
+        """Network passes of ``signature`` that may be live at once: Monte-Carlo ``uncertainty*``
+        runs T passes through tf.map_fn, up to MAP_FN_PARALLEL of them in parallel."""
         if signature.startswith("uncertainty") and self.meta.get("stochastic"):
-            return max(1, int(self.meta.get("mc_samples") or 1))
+            return max(1, min(MAP_FN_PARALLEL, int(self.meta.get("mc_samples") or 1)))
         return 1
 
 
@@ -479,22 +483,34 @@ def _check_kerasnuc_inputs(model, shapes):
                      f"inputs disagree on the batch size (first dimension): {batches}")
 
 
-def request_pixels(model, signature, shapes):
-    """Pixels a request costs: batch x height x width (padded to the model's multiple) x passes
-    of the signature, for its largest image-like (rank >= 3) input; 0 for inputs without pixels."""
-    largest, m = 0, model.multiple
+def call_plan(model, signature, shapes, chunk_pixels):
+    """(images per model call, or None for the whole request in one call; pixels of the largest
+    call: images x height x width padded to the model's multiple x live passes).
+
+    kerasnuc exports treat every image of a batch on its own (per-image normalisation,
+    inference-mode BatchNorm), so their batches run in calls of at most ``chunk_pixels`` (at
+    least one image each) and a cancelled request stops between calls; other SavedModels run
+    whole."""
+    per_image, batch, batched = 0, 1, True
     for dims in shapes.values():
         if len(dims) >= 3:
-            batch = int(np.prod(dims[:-3], dtype=np.int64))  # 1 for [height, width, channels]
-            height, width = -(-dims[-3] // m) * m, -(-dims[-2] // m) * m
-            largest = max(largest, batch * height * width)
-    return largest * model.passes(signature)
+            batched = batched and len(dims) == 4
+            m = model.multiple
+            pixels = (-(-dims[-3] // m) * m) * (-(-dims[-2] // m) * m)
+            if pixels > per_image:
+                per_image, batch = pixels, int(np.prod(dims[:-3], dtype=np.int64))
+    per_image *= model.passes(signature)
+    leading = {dims[0] for dims in shapes.values() if dims}
+    if model.meta and batched and per_image and len(leading) == 1:
+        size = max(1, int(chunk_pixels // per_image))
+        return size, min(size, batch) * per_image
+    return None, batch * per_image
 
 
-def _decode_inputs(request, model, signature, max_elements, max_pixels=None):
-    """(decode, pixel cost): the request checked against the signature and the per-request pixel
-    budget (else INVALID_ARGUMENT) before any value is decoded; ``decode()`` gives {key: ndarray}
-    later, once the request has its turn."""
+def _decode_inputs(request, model, signature, max_elements, max_pixels=None, chunk_pixels=MPIX // 2):
+    """(decode, pixel cost, images per call): the request checked against the signature and the
+    pixel budget of one model call (else INVALID_ARGUMENT) before any value is decoded;
+    ``decode()`` gives {key: ndarray} later, once the request has its turn."""
     import tensorflow as tf
 
     specs = model.inputs[signature]
@@ -514,11 +530,12 @@ def _decode_inputs(request, model, signature, max_elements, max_pixels=None):
         shapes[key] = _checked_dims(key, proto, spec, max_elements)
         _check_values(key, proto, spec.dtype, shapes[key])
     _check_kerasnuc_inputs(model, shapes)
-    cost = request_pixels(model, signature, shapes)
+    size, cost = call_plan(model, signature, shapes, chunk_pixels)
     if max_pixels is not None and cost > max_pixels:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                     f"request needs {cost / MPIX:.2f} Mpix (batch x padded height x width x passes), over "
-                     f"the {max_pixels / MPIX:g} Mpix per request (--max-request-mpix); send smaller tiles")
+                     f"request needs {cost / MPIX:.2f} Mpix in one model call (images x padded height x width "
+                     f"x passes), over the {max_pixels / MPIX:g} Mpix per request (--max-request-mpix); "
+                     f"send smaller images or tiles")
 
     def decode():
         arrays = {}
@@ -535,7 +552,7 @@ def _decode_inputs(request, model, signature, max_elements, max_pixels=None):
             arrays[key] = array
         return arrays
 
-    return decode, cost
+    return decode, cost, size
 
 
 def _tf_error_code(error):
@@ -566,17 +583,7 @@ class PredictionService:
         with self._stats_lock:
             self.stats[key] += 1
 
-    def _chunk_size(self, model, arrays, cost):
-        """Images per model call: kerasnuc exports treat every image of a batch on its own (per-image
-        normalisation, inference-mode BatchNorm), so a large batch runs in chunks of at most
-        ``chunk_pixels`` and a cancelled request stops between them. Other SavedModels: whole."""
-        batches = {len(value) for value in arrays.values() if np.ndim(value) >= 1}
-        if not model.meta or len(batches) != 1 or not cost:
-            return None
-        batch = batches.pop()
-        return max(1, int(self.chunk_pixels // max(1, cost // batch)))
-
-    def _run(self, model, signature, decode, cost, context):
+    def _run(self, model, signature, decode, cost, size, context):
         """Run the model in the gate's turn; None when the client went away first (before the
         model ran or between chunks of a batch)."""
         import tensorflow as tf
@@ -586,7 +593,6 @@ class PredictionService:
                 self._count("cancelled")
                 return None
             arrays = decode()
-            size = self._chunk_size(model, arrays, cost)
             batch = len(next(iter(arrays.values()))) if size else 1
             parts = []
             self._count("runs")
@@ -623,8 +629,9 @@ class PredictionService:
             if unknown:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"output_filter names {unknown} not among the outputs {sorted(outputs)}")
-            decode, cost = _decode_inputs(request, model, signature, self.max_elements, self.max_request_pixels)
-            result = self._run(model, signature, decode, cost, context)
+            decode, cost, size = _decode_inputs(request, model, signature, self.max_elements,
+                                                self.max_request_pixels, self.chunk_pixels)
+            result = self._run(model, signature, decode, cost, size, context)
             if result is None:
                 context.abort(grpc.StatusCode.CANCELLED, "client went away before its turn; the model did not run")
             response = predict_pb2.PredictResponse()

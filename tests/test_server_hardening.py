@@ -132,7 +132,14 @@ def test_pixel_budgets(served):
     assert tf.make_ndarray(fits).shape == (1, 216, 216, 1)
     details = _refused(stub, _request(np.zeros((1, 221, 221, 3), np.uint8)))  # 48,841 px, 224 x 224 padded
     assert "0.05 Mpix per request" in details and "--max-request-mpix" in details
-    assert "--max-request-mpix" in _refused(stub, _request(np.zeros((2, 160, 160, 3), np.uint8)))  # batch counts
+    chunks = served["service"].stats["chunks"]  # 2 x 25,600 px: over as one call, within as two
+    batch = stub.Predict(_request(np.zeros((2, 160, 160, 3), np.uint8)), timeout=30).outputs["maps"]
+    assert tf.make_ndarray(batch).shape == (2, 160, 160, 1) and served["service"].stats["chunks"] == chunks + 2
+    model = srv.LoadedModel("m", 1, "", None, {}, meta={"multiple": 8, "stochastic": True, "mc_samples": 30})
+    assert srv.call_plan(model, "uncertainty", {"image": [4, 100, 100, 3]}, 10 ** 9) == (10 ** 9 // 104 ** 2 // 10,
+                                                                                        4 * 104 ** 2 * 10)
+    model.meta = {}  # a foreign SavedModel runs whole: the batch counts
+    assert srv.call_plan(model, "serving_default", {"x": [4, 100, 100, 3]}, 10 ** 9) == (None, 4 * 100 ** 2)
     held = int(MAX_INFLIGHT_MPIX * srv.MPIX) - 100
     with gate.slot(held):  # the in-flight budget is taken: refused at once, retryable
         details = _refused(stub, _request(np.zeros((1, 16, 16, 3), np.uint8)), grpc.StatusCode.RESOURCE_EXHAUSTED)
