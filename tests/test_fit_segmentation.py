@@ -93,7 +93,7 @@ def test_bad_config_and_data_give_clear_errors(tmp_path):
 
 
 def test_existing_run_is_not_overwritten(quick_run):
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(SystemExit, match="run directory exists; choose another --out or pass --overwrite"):
         fit.run(resolve(overrides={**TINY, "out": quick_run}), log=lambda m: None)
     assert os.path.exists(os.path.join(quick_run, "model.keras"))
 
