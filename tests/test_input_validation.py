@@ -171,6 +171,24 @@ def test_slides_are_read_lazily_and_not_under_the_plain_image_limit(tmp_path):
     np.testing.assert_array_equal(view.read(0, 64, 0, 64), level0[:64, :64])
 
 
+def test_16_bit_slides_are_scaled_by_their_real_range_or_the_stated_depth(tmp_path):
+    pytest.importorskip("zarr")
+    from kerasnuc.predict.sources import open_view
+
+    rng = np.random.default_rng(0)
+    level0 = rng.integers(0, 4096, (512, 512), dtype=np.uint16)  # a 12-bit scan in 16-bit pages
+    level0[0, 0] = 4095
+    path = tmp_path / "slide12.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(256, 256), photometric="minisblack", metadata=None)
+        tif.write(level0[::2, ::2], tile=(256, 256), photometric="minisblack", metadata=None, subfiletype=1)
+    pixels = open_view(str(path)).read(0, 64, 0, 64)[..., 0]
+    np.testing.assert_array_equal(pixels, np.rint(level0[:64, :64] * (255 / 4095)).astype(np.uint8))
+    assert len(np.unique(pixels)) > 200  # not 16 levels, as a shift by 8 bits would leave
+    stated = open_view(str(path), policy=InputPolicy(bit_depth=16)).read(0, 64, 0, 64)[..., 0]
+    np.testing.assert_array_equal(stated, np.rint(level0[:64, :64] * (255 / 65535)).astype(np.uint8))
+
+
 # ---------------------------------------------------------------------------- bit depth
 
 def test_high_bit_depth_is_scaled_by_its_real_range(tmp_path):

@@ -228,14 +228,15 @@ def is_slide_path(path):
     return False
 
 
-def open_slide(path):
-    """A :class:`Slide` for a pyramidal TIFF / OME-TIFF (tifffile) or a vendor format (OpenSlide)."""
+def open_slide(path, policy=None):
+    """A :class:`Slide` for a pyramidal TIFF / OME-TIFF (tifffile) or a vendor format (OpenSlide).
+    ``policy``: its bit depth scales slides stored in 16 bits (see :func:`_slide_bits`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: slide file not found")
     if path.lower().endswith(TIFF_EXTENSIONS):
         try:
-            return _tiff_slide(path)
+            return _tiff_slide(path, policy)
         except DataError:
             raise
         except Exception as error:
@@ -248,7 +249,7 @@ def open_slide(path):
     return _openslide_slide(path)
 
 
-def _tiff_slide(path):
+def _tiff_slide(path, policy=None):
     import tifffile
 
     try:
@@ -279,10 +280,14 @@ def _tiff_slide(path):
         channels = series.shape[axes.index("S")] if "S" in axes else 1
         index = tuple(0 for a in axes if a not in "YXS")
         dtype = series.dtype
+        # the coarsest level, strided to at most ~4 MP (a single-level slide is never read whole)
+        step = max(1, int(np.ceil(np.sqrt(levels[-1][0] * levels[-1][1] / 2 ** 22))))
+        sample = arrays[-1][tuple(slice(None, None, step) if a in "YX" else slice(None) for a in axes)]
+        bits = _slide_bits(sample, dtype, path, policy)
 
         def reader(level, top, bottom, left, right):
             pixels = np.asarray(arrays[level][index + (slice(top, bottom), slice(left, right))])
-            return _as_uint8(pixels.reshape(bottom - top, right - left, -1), dtype, path)
+            return _as_uint8(pixels.reshape(bottom - top, right - left, -1), dtype, path, bits)
 
         channels = 3 if channels >= 3 else 1
         return Slide(path, levels, downsamples, channels, _tiff_mpp(tif), reader, close=tif.close)
@@ -291,13 +296,30 @@ def _tiff_slide(path):
         raise
 
 
-def _as_uint8(pixels, dtype, path):
+def _slide_bits(coarsest, dtype, path, policy):
+    """The bit depth a 16-bit slide's pixels are scaled by: the stated ``--bit-depth``, or ('auto')
+    the one its coarsest level's maximum needs (a 12-bit scan stored in 16 bits keeps its 4096
+    levels instead of losing 4 bits to the container's maximum). None for 8-bit slides."""
+    from kerasnuc.data.validation import data_bits, resolve_policy
+
+    if dtype == np.uint8:
+        return None
+    if dtype != np.uint16:
+        raise DataError(f"{path}: slides of pixel type {dtype} are not supported (uint8 or uint16)")
+    policy = resolve_policy(policy)
+    if policy.bit_depth != "auto":
+        return int(policy.bit_depth)
+    return data_bits(int(np.asarray(coarsest).max(initial=0)))
+
+
+def _as_uint8(pixels, dtype, path, bits=16):
     if pixels.shape[2] == 4:
         pixels = pixels[..., :3]
     if dtype == np.uint8:
         return pixels
-    if dtype == np.uint16:
-        return (pixels >> 8).astype(np.uint8)
+    if dtype == np.uint16:  # values above the depth (missed by the coarsest level) saturate
+        scaled = pixels.astype(np.float32) * np.float32(255.0 / (2 ** bits - 1))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     raise DataError(f"{path}: slides of pixel type {dtype} are not supported (uint8 or uint16)")
 
 
@@ -362,7 +384,7 @@ def open_view(path, mpp=None, model_mpp=None, image_mpp=None, policy=None):
     path = os.fspath(path)
     target = mpp or model_mpp
     if is_slide_path(path):
-        slide = open_slide(path)
+        slide = open_slide(path, policy)
         slide.mpp = slide.mpp or image_mpp
         return slide.view(mpp=target if target and slide.mpp else None)
     image = read_image(path, policy=policy)
