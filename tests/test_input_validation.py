@@ -244,6 +244,22 @@ def test_binary_mask_given_as_labels_is_an_error_or_numbered_blobs(tmp_path):
     np.testing.assert_array_equal(read_label_image(tmp_path / "inst.png"), instances)
 
 
+def test_class_map_given_as_labels_is_an_error_or_numbered_blobs(tmp_path):
+    """Real label sets split a nucleus into at most 3 blobs; one id over 6 is a class map."""
+    classes = np.zeros((64, 64), np.uint8)
+    for k in range(6):
+        classes[2 + 10 * k: 7 + 10 * k, 2:7] = 1       # class 1: six nuclei
+        classes[2 + 10 * k: 7 + 10 * k, 30:35] = 2     # class 2: six more
+    path = str(tmp_path / "classes.png")
+    cv2.imwrite(path, classes)
+    with pytest.raises(DataError, match=r"classes.png: looks like a class map, not instance labels "
+                                        r"\(id 1 covers 6 separate blobs; 2 ids cover 5 or more\)"):
+        read_label_image(path)
+    labels = read_label_image(path, policy=InputPolicy(binary_labels="components"))
+    assert labels.max() == 12 and sorted(np.unique(labels)) == list(range(13))
+    np.testing.assert_array_equal(labels > 0, classes > 0)
+
+
 def _folder(root, images, labels=None):
     """images/ + labels/ folder; ``images``: {stem: (ext, rgb or None for a truncated file)}."""
     os.makedirs(root / "images")
