@@ -44,7 +44,7 @@ def main():
         "epochs": metrics["epochs"], "steps_per_epoch": config.steps_per_epoch,
         "batch_size": config.batch_size, "tile": config.tile,
         "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1),
-        "postprocess": thresholds["postprocess"], "validation_aji": thresholds["validation_aji"],
+        "postprocess": thresholds["postprocess"], "validation_aji": (thresholds.get("validation") or {}).get("value", thresholds.get("validation_aji")),
         "metrics": {k: mean[k] for k in ("dice", "dice_pooled", "iou", "aji", "aji_plus", "pq", "dq", "sq",
                                          "precision", "recall", "f1", "f1_dice02") if k in mean},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),

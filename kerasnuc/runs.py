@@ -81,6 +81,20 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def thresholds_record(task, params, metric, value, **extra):
+    """thresholds.json, one layout for every task: the post-processing parameters, where they
+    were tuned and the validation score that chose them (``metric``: its name), plus the task's
+    own settings (match_radius, density_sigma for detection)."""
+    return {"task": task, "postprocess": dict(params), "tuned_on": "val" if value is not None else None,
+            "validation": {"metric": metric, "value": value}, **extra}
+
+
+def postprocess_of(thresholds):
+    """The post-processing parameters of a thresholds.json (runs before the one layout kept
+    detection's under "detection")."""
+    return dict(thresholds.get("postprocess") or thresholds.get("detection") or {})
+
+
 def read_json(path, default=_REQUIRED):
     """A JSON file's content; ``default`` if it does not exist (RunError without a default)."""
     if not os.path.exists(path):
@@ -367,9 +381,7 @@ def run_metadata(run_dir, model=None, measure=True):
         "channels": channels,
         "tile": int(config.get("tile", 128)),
         "patch": int(config.get("patch", 32)),
-        # segmentation runs store {"postprocess": ...}, detection runs {"detection": ...}
-        "postprocess": (thresholds.get("postprocess") or thresholds.get("detection")
-                        or config.get("postprocess") or {}),
+        "postprocess": postprocess_of(thresholds) or config.get("postprocess") or {},
         "postprocess_tuned_on": thresholds.get("tuned_on"),
         "match_radius": float(thresholds.get("match_radius", config.get("match_radius", 6.0))),
         "density_sigma": float(thresholds.get("density_sigma", config.get("density_sigma", 2.0))),

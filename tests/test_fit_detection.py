@@ -77,10 +77,12 @@ def test_metrics_are_pooled_and_per_image(detection_run, crc_spec):
     truth = {r.name: len(r.points) for r in load_dataset(crc_spec)}
     assert metrics["pooled"]["tp"] + metrics["pooled"]["fn"] == sum(truth[n] for n in split["test"])
     thresholds = json.load(open(os.path.join(path, "thresholds.json")))
-    assert set(thresholds["detection"]) >= {"threshold", "min_distance"}
-    assert thresholds["detection"]["threshold"] in detection.THRESHOLDS
-    assert thresholds["detection"]["min_distance"] in detection.MIN_DISTANCES
-    assert thresholds["match_radius"] == 6.0 and 0.0 <= thresholds["validation_f1"] <= 1.0
+    assert thresholds["task"] == "detection" and thresholds["tuned_on"] == "val"
+    assert set(thresholds["postprocess"]) >= {"threshold", "min_distance"}
+    assert thresholds["postprocess"]["threshold"] in detection.THRESHOLDS
+    assert thresholds["postprocess"]["min_distance"] in detection.MIN_DISTANCES
+    assert thresholds["validation"]["metric"] == "pooled_f1" and 0.0 <= thresholds["validation"]["value"] <= 1.0
+    assert thresholds["match_radius"] == 6.0
 
 
 def _truth_densities(records, shift=(0.0, 0.0), sigma=2.0):

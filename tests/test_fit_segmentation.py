@@ -64,6 +64,8 @@ def test_short_training_learns_nuclei(quick_run):
     assert losses[-1] < 0.8 * losses[0]
     thresholds = json.load(open(os.path.join(quick_run, "thresholds.json")))
     assert thresholds["tuned_on"] == "val" and 0 < thresholds["postprocess"]["threshold"] < 1
+    assert thresholds["task"] == "segmentation" and thresholds["validation"]["metric"] == "aji"
+    assert 0 <= thresholds["validation"]["value"] <= 1
 
 
 def test_model_reloads_in_safe_mode(quick_run):

@@ -19,6 +19,7 @@ import numpy as np
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import DetectionDataset, record_points
+from kerasnuc.runs import thresholds_record
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import centroids_from_density
 from training import plots
@@ -209,9 +210,8 @@ def run_task(config, run, records, split, log):
     if config.tune_postprocess and val_records:
         val_densities = predict_densities(model, val_records, config, depth)
         params, val_f1 = tune_postprocess(val_densities, val_records, params, radius, log)
-    run.write_json("thresholds.json", {
-        "detection": params, "match_radius": radius, "validation_f1": val_f1,
-        "tuned_on": "val" if val_f1 is not None else None, "density_sigma": config.density_sigma})
+    run.write_json("thresholds.json", thresholds_record("detection", params, "pooled_f1", val_f1, match_radius=radius,
+                                                        density_sigma=config.density_sigma))
 
     # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
     from training import evaluate as scorer

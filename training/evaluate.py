@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from kerasnuc.data import validation  # noqa: E402
+from kerasnuc.runs import postprocess_of  # noqa: E402
 
 SPLITS = ("test", "val")
 TTA_MERGES = ("mean", "vote")
@@ -540,7 +541,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
                "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None,
                "input_policy": policy.to_dict(), "skip_bad": bool(skip_bad)}
     if task == "segmentation":
-        params = dict((run.thresholds.get("postprocess") or {}))
+        params = postprocess_of(run.thresholds)
         if not params:
             raise EvaluationError(f"{run.path}/thresholds.json: no 'postprocess' entry")
         if tta_merge == "vote":
@@ -548,9 +549,9 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         options["postprocess"] = params
         metrics, artifacts = evaluate_segmentation(records, predict, params, settings, log, progress_every)
     elif task == "detection":
-        params = dict(run.thresholds.get("detection") or {})
+        params = postprocess_of(run.thresholds)
         if "threshold" not in params or "min_distance" not in params:
-            raise EvaluationError(f"{run.path}/thresholds.json: no 'detection' entry with threshold and "
+            raise EvaluationError(f"{run.path}/thresholds.json: no 'postprocess' entry with threshold and "
                                   "min_distance")
         radius = float(run.thresholds.get("match_radius") or run.config.get("match_radius") or 6.0)
         options.update({"detection": params, "match_radius": radius})

@@ -12,6 +12,7 @@ from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import SegmentationDataset
 from kerasnuc.losses import get_loss
 from kerasnuc.postprocess import instances_from_probability
+from kerasnuc.runs import thresholds_record
 from training import plots
 from training.callbacks import fit_into_run
 from training.optimizers import make_optimizer
@@ -91,8 +92,7 @@ def run_task(config, run, records, split, log):
     if config.tune_postprocess and val_records:
         val_probabilities = predict_probabilities(model, val_records, config, depth)
         params, val_score = tune_postprocess(val_probabilities, val_records, params, log)
-    run.write_json("thresholds.json", {"postprocess": params, "validation_aji": val_score,
-                                       "tuned_on": "val" if val_score is not None else None})
+    run.write_json("thresholds.json", thresholds_record("segmentation", params, "aji", val_score))
 
     # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
     from training import evaluate as scorer
