@@ -16,12 +16,9 @@ pytest.importorskip("tensorflow_serving.apis")
 
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
 
-from export import saved_model as sm  # noqa: E402
-from kerasnuc import models  # noqa: E402
-from kerasnuc.runs import write_run  # noqa: E402
 from serving import server as srv  # noqa: E402
 from serving.client import ServingClient, ServingError  # noqa: E402
-from test_serving import _request  # noqa: E402
+from test_serving import _request, export_tiny_unet  # noqa: E402
 
 MAX_REQUEST_MPIX = 0.05   # 50,000 px: 216 x 216 fits, 224 x 224 (after padding to 8) does not
 MAX_INFLIGHT_MPIX = 0.1
@@ -32,12 +29,7 @@ CHUNK_MPIX = 0.002        # 2,000 px: a batch of 40 x 40 images runs one image p
 def export(tmp_path_factory):
     """A tiny U-Net (multiple 8) exported as version 1 of 'unet' in a fresh base."""
     root = tmp_path_factory.mktemp("hardening")
-    keras.utils.set_random_seed(0)
-    model = models.build("unet", input_shape=(None, None, 3), filters=4, depth=3)
-    run = write_run(str(root / "run"), model, model_config={"filters": 4, "depth": 3},
-                    postprocess={"threshold": 0.5, "min_distance": 3, "min_area": 5})
-    base = str(root / "base")
-    path = sm.export_saved_model(run, base, log=lambda m: None)
+    _, _, base, path = export_tiny_unet(root)
     return {"base": base, "v1": path, "root": root}
 
 

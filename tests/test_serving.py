@@ -28,15 +28,21 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MAX_MB = 2
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
+def export_tiny_unet(root):
+    """(model, run, base, version path): an untrained U-Net (filters 4, depth 3, multiple 8) as a
+    run folder in ``root`` and version 1 of 'unet' in a fresh export base there."""
     keras.utils.set_random_seed(0)
     model = models.build("unet", input_shape=(None, None, 3), filters=4, depth=3)
     run = write_run(str(root / "run"), model, model_config={"filters": 4, "depth": 3},
                     postprocess={"threshold": 0.5, "min_distance": 3, "min_area": 5})
     base = str(root / "base")
-    sm.export_saved_model(run, base, log=lambda m: None)
+    return model, run, base, sm.export_saved_model(run, base, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    model, run, base, _ = export_tiny_unet(root)
     logs = []
     server, port, registry = create_server(base, port=0, threads=4, max_message_mb=MAX_MB,
                                            poll_seconds=0.5, log=logs.append)
