@@ -130,9 +130,13 @@ class FitConfig:
         kerasnuc added take their defaults; provenance keys are dropped)."""
         from kerasnuc.runs import read_run
 
-        config = read_run(run_dir).config
+        return cls.from_dict(read_run(run_dir).config)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A FitConfig from a run's config.json content (unknown and provenance keys dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -73,7 +73,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from training.config import default_run_dir, load_config_file, resolve
+    from training.config import load_config_file, resolve
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "overwrite", "resume")}
     if args.resume:
@@ -96,8 +96,6 @@ def main(argv=None):
 
 def resume_config(path):
     """The FitConfig of the partial run ``path`` (``runs/x`` or ``runs/x.incomplete``)."""
-    import dataclasses
-
     from kerasnuc.runs import RunError, read_json
     from training.config import FitConfig
 
@@ -109,8 +107,7 @@ def resume_config(path):
         if os.path.isdir(final) and not os.path.isdir(final + ".incomplete"):
             raise ValueError(f"{final}: a finished run; nothing to resume") from None
         raise ValueError(f"{error} (no partial run to resume)") from None
-    known = {f.name for f in dataclasses.fields(FitConfig)}
-    config = FitConfig(**{k: v for k, v in values.items() if k in known}).validate()
+    config = FitConfig.from_dict(values).validate()
     config.out = final
     return config
 
