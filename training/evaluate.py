@@ -509,15 +509,13 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         records = records[:int(limit)]
     out = os.path.abspath(out or default_out(run, data, split, tta, tta_merge))
 
-    import keras
-
     from kerasnuc import __version__, models
+    from kerasnuc.runs import RunError, read_keras_file
 
-    model_path = os.path.join(run.path, "model.keras")
-    try:
-        model = keras.models.load_model(model_path, custom_objects=models.CUSTOM_OBJECTS, compile=False)
-    except Exception as error:
-        raise EvaluationError(f"{model_path}: cannot load the model ({type(error).__name__}: {error})") from None
+    try:  # the one .keras reader: a damaged file is called corrupt, not "not found"
+        model = read_keras_file(os.path.join(run.path, "model.keras"))
+    except RunError as error:
+        raise EvaluationError(str(error)) from None
     stochastic = models.is_stochastic(model)
     requested = int(mc_samples) if mc_samples is not None else int(run.config.get("mc_samples") or 1)
     passes = requested if stochastic else 1
