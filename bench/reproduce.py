@@ -28,6 +28,19 @@ PUBLISHED = {
     ("segmentation", "monuseg", "unet"): [("dice", 0.862, "Kumar et al. 2020 (pixel F1)"),
                                           ("aji", 0.676, "Kumar et al. 2020")],
     ("segmentation", "monuseg", "segnet"): [("dice", None, ""), ("aji", None, "")],
+    # Kumar et al. 2020 (MoNuSeg comparison), Table III: F1 (pixel) / AJI
+    ("segmentation", "monuseg", "fcn8"): [("dice", 0.8467, "Kumar et al. 2020 (pixel F1)"),
+                                          ("aji", 0.6418, "Kumar et al. 2020")],
+    ("segmentation", "monuseg", "fc_densenet"): [("dice", 0.8587, "Kumar et al. 2020 (pixel F1)"),
+                                                 ("aji", 0.6646, "Kumar et al. 2020")],
+    ("segmentation", "monuseg", "pspsegnet"): [("dice", 0.8815, "Kumar et al. 2020 (pixel F1)"),
+                                               ("aji", 0.7080, "Kumar et al. 2020")],
+    ("segmentation", "monuseg", "ce2p"): [("dice", 0.8792, "Kumar et al. 2020 (pixel F1)"),
+                                          ("aji", 0.7014, "Kumar et al. 2020")],
+    # Gudhe et al. 2023 score pixels on their own data (PanNuke and others), not MoNuSeg
+    ("segmentation", "monuseg", "bayesnuseg"): [("dice", 0.893, "Gudhe et al. 2023 (pixel F1, their data)"),
+                                                ("iou", 0.868, "Gudhe et al. 2023 (pixel IoU, their data)"),
+                                                ("aji", None, ""), ("pq", None, ""), ("ua", None, "")],
 }
 
 
