@@ -40,6 +40,7 @@ def build_parser():
     parser.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch", help=docs["steps_per_epoch"])
     parser.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="Initial learning rate.")
     parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=docs["optimizer"])
+    parser.add_argument("--momentum", type=float, help=docs["momentum"])
     parser.add_argument("--weight-decay", type=float, dest="weight_decay", help="Weight decay (0: none).")
     parser.add_argument("--loss", help=docs["loss"])
     parser.add_argument("--loss-options", type=json.loads, dest="loss_options", metavar="JSON",
