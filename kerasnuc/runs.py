@@ -64,11 +64,9 @@ _REQUIRED = object()
 
 def write_json_atomic(path, data):
     """JSON through a temporary file, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from kerasnuc.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
 
 def _jsonable(value):

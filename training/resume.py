@@ -16,6 +16,7 @@ import os
 
 import keras
 
+from kerasnuc.atomic import atomic_path, write_text_atomic
 from kerasnuc.runs import read_json, write_json_atomic
 
 STATE_DIR = "resume"
@@ -78,9 +79,8 @@ class ResumableState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.folder, exist_ok=True)
         name = f"epoch-{epoch + 1:04d}.weights.h5"
-        tmp = os.path.join(self.folder, f"tmp{os.getpid()}-{name}")
-        self.model.save_weights(tmp)
-        os.replace(tmp, os.path.join(self.folder, name))
+        with atomic_path(os.path.join(self.folder, name)) as tmp:
+            self.model.save_weights(tmp)
         best = getattr(self.checkpoint, "best", None)
         state = {"epoch": epoch + 1, "weights": name,
                  "seeds": [keras.ops.convert_to_numpy(g.state).tolist() for g in _seed_generators(self.model)],
@@ -102,10 +102,7 @@ def truncate_history(path, epochs):
     with open(path) as handle:
         lines = handle.readlines()
     kept = lines[: 1 + epochs] if lines else []
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, kept)
 
 
 def read_history(path):

@@ -35,6 +35,8 @@ import os
 import sys
 import time
 
+from kerasnuc.atomic import write_text_atomic
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -499,13 +501,6 @@ def trial_records(tuner, objective, owners=None):
     return rows
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _json_text(data):
     import numpy as np
 
@@ -615,12 +610,12 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
         failure = error
     rows = trial_records(search, objective, owners)
     completed = [r for r in rows if r["status"] == "COMPLETED" and r["score"] is not None]
-    _write_atomic(os.path.join(out, "trials.json"), _json_text({
+    write_text_atomic(os.path.join(out, "trials.json"), _json_text({
         "tuner": tuner, "objective": {"name": objective[0], "direction": objective[1]},
         "search_space": hp_space, "max_trials": max_trials, "max_epochs": epochs,
         "split": {"seed": config.seed, "train": split["train"], "val": split["val"]},
         "trials": rows}))
-    _write_atomic(os.path.join(out, "trials.csv"), _csv_text(rows, hp_space))
+    write_text_atomic(os.path.join(out, "trials.csv"), _csv_text(rows, hp_space))
 
     if not completed:
         stale = os.path.join(out, "best_config.json")
@@ -653,7 +648,7 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
                              f"retrain with: python -m training.fit --config {out}/best_config.json"),
                 **best_config.to_dict()}
     best_path = os.path.join(out, "best_config.json")
-    _write_atomic(best_path, _json_text(document))
+    write_text_atomic(best_path, _json_text(document))
 
     ranked = sorted(completed, key=lambda r: r["score"], reverse=reverse)
     lines = [f"training.tune {tuner}: {len(rows)} trials ({len(completed)} completed, {failed} failed) "
@@ -665,7 +660,7 @@ def run(config, out, tuner="random", max_trials=10, max_epochs=None, objective="
               + " ".join(f"{k} {_fmt(v)}" for k, v in r["hyperparameters"].items()) for r in ranked]
     lines += [f"wrote {out}/: best_config.json, trials.json, trials.csv, summary.txt (tuner files in tuner/)",
               f"retrain: python -m training.fit --config {best_path}"]
-    _write_atomic(os.path.join(out, "summary.txt"), "\n".join(lines) + "\n")
+    write_text_atomic(os.path.join(out, "summary.txt"), "\n".join(lines) + "\n")
     for line in lines:
         log(line)
     return best_path

@@ -12,6 +12,8 @@ The image tag defaults to ``latest``; pin one with ``TF_SERVING_IMAGE=tensorflow
 import os
 from string import Template
 
+from kerasnuc.atomic import write_text_atomic
+
 MODELS_CONFIG_ENTRY = Template("""\
   config {
     name: "$name"
@@ -90,9 +92,6 @@ def write_deploy_files(base, mount=MOUNT):
     paths = []
     for name, text in files.items():
         path = os.path.join(base, name)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
         paths.append(path)
     return paths

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from kerasnuc.atomic import atomic_path
 from kerasnuc.data.validation import DataError, check_instance_labels, resolve_policy, scale_to_uint8
 
 __all__ = ["DataError", "image_shape", "read_image", "read_label_image", "read_mask", "write_png_atomic"]
@@ -195,10 +196,9 @@ def _decode_pillow(path, what):
 def write_png_atomic(path, array):
     """Write a PNG through a temporary file so a crash never leaves half a file."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
     data = array
     if data.ndim == 3 and data.shape[2] == 3:
         data = cv2.cvtColor(data, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(tmp, data):
-        raise DataError(f"{path}: could not write PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, data):
+            raise DataError(f"{path}: could not write PNG")

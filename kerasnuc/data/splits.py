@@ -8,9 +8,10 @@ and later runs use exactly the same images.
 
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from kerasnuc.atomic import write_text_atomic
 
 __all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "SIDES"]
 
@@ -124,16 +125,7 @@ def save_split(path, split):
         _check_split(one, f"split {i}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(split, file, indent=1, sort_keys=True)
-            file.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(split, indent=1, sort_keys=True) + "\n")
 
 
 def load_split(path):

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from kerasnuc.atomic import atomic_path
 from kerasnuc.data.imageio import DataError
 
 _IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
@@ -192,8 +193,7 @@ def write_rle_csv(path, labels_by_id):
     The file is written to a temporary file and moved into place (atomic).
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["ImageId", "EncodedPixels", "Height", "Width"])
@@ -207,8 +207,3 @@ def write_rle_csv(path, labels_by_id):
                     writer.writerow([image_id, "", height, width])
                 for rle in encoded.values():
                     writer.writerow([image_id, rle, height, width])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
