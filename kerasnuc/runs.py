@@ -225,7 +225,7 @@ def load_model(run_dir, check=True):
 
         check_keras_model(model, run.config, os.fspath(run_dir),
                           recorded_class_names(run.config, run.path) if run.task == "classification" else (),
-                          multiple=2 ** model_depth(run.config))
+                          multiple=model_multiple(run.config))
     return model
 
 
@@ -254,18 +254,11 @@ def read_keras_file(path):
         raise RunError(f"{path}: not a readable Keras model ({detail})") from None
 
 
-def model_depth(config):
-    """Number of 2x down-samplings of the run's model (from its config or the builder default)."""
-    from kerasnuc import models
+def model_multiple(config):
+    """Spatial sizes of the run's model must be multiples of this (:mod:`kerasnuc.models.geometry`)."""
+    from kerasnuc.models.geometry import input_multiple
 
-    name = config.get("model", "unet")
-    depth = (config.get("model_config") or {}).get("depth")
-    if depth is None:
-        try:
-            depth = models.default_config(name).get("depth", 0)
-        except ValueError:
-            depth = 0
-    return int(depth or 0)
+    return input_multiple(config.get("model", "unet"), config.get("model_config"))
 
 
 def stain_of(run_dir):
@@ -398,7 +391,7 @@ def run_metadata(run_dir, model=None, measure=True):
         meta.update(multiple=1, patch=patch, serving_tile=patch, tile_margin=0, receptive_radius=None,
                     class_names=class_names_of(config, int(model.output_shape[-1]), run_dir))
     else:
-        multiple = 2 ** model_depth(config)
+        multiple = model_multiple(config)
         radius = measure_receptive_radius(model, channels, multiple) if measure else None
         wanted = MAX_SERVING_MARGIN if radius is None else min(radius, MAX_SERVING_MARGIN)
         margin = int(-(-wanted // multiple) * multiple)

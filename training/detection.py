@@ -21,6 +21,7 @@ from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import DetectionDataset, record_points
 from kerasnuc.runs import thresholds_record
 from kerasnuc.losses import get_loss
+from kerasnuc.models.geometry import input_multiple
 from kerasnuc.postprocess import centroids_from_density
 from training import plots
 from training.callbacks import fit_into_run
@@ -55,10 +56,6 @@ def detection_loss(config, log):
     return config.loss
 
 
-def model_depth(config):
-    return config.model_config.get("depth", models.default_config(config.model).get("depth", 0)) or 0
-
-
 def build_model(config, loss):
     model = models.build(config.model, input_shape=(None, None, config.channels), **dict(config.model_config))
     model.compile(optimizer=make_optimizer(config), loss=get_loss(loss),
@@ -68,12 +65,12 @@ def build_model(config, loss):
 
 def train(config, run, train_records, val_records, loss, log):
     """Fit the model; the best epoch by validation loss is saved as model.keras."""
-    depth = model_depth(config)
+    multiple = input_multiple(config.model, config.model_config)
     model = build_model(config, loss)
     if models.task_of(config.model) != "detection":
         log(f"detection: model '{config.model}' is built for {models.task_of(config.model)}; "
             "training it on density maps anyway")
-    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}")
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {multiple}")
     augmenter = Augmenter(**config.augment) if config.augment else None
     train_data = DetectionDataset(train_records, tile=config.tile, batch_size=config.batch_size,
                                   sigma=config.density_sigma, steps=config.steps_per_epoch or None,
@@ -87,15 +84,15 @@ def train(config, run, train_records, val_records, loss, log):
         f"{config.epochs} epochs, density sigma {config.density_sigma}, loss {loss}"
         + (f"; validation {len(val_data)} fixed batches" if val_data is not None else ""))
     history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
-    return history, depth
+    return history, multiple
 
 
-def predict_densities(model, records, config, depth):
+def predict_densities(model, records, config, multiple):
     """Predicted density map (H, W) per whole image (padded to the model multiple, cropped
     back); Monte-Carlo models average ``mc_samples`` passes."""
     from training.segmentation import held_out_engine
 
-    engine = held_out_engine(model, config, 2 ** depth)
+    engine = held_out_engine(model, config, multiple)
     passes = config.mc_samples if models.is_stochastic(model) else 1
     return [engine.predict_maps(record.image, tile=0, samples=passes)[0][..., 0] for record in records]
 
@@ -200,7 +197,7 @@ def run_task(config, run, records, split, log):
     loss = detection_loss(config, log)
     radius = float(config.match_radius)
     started = time.time()
-    history, depth = train(config, run, train_records, val_records, loss, log)
+    history, multiple = train(config, run, train_records, val_records, loss, log)
     train_seconds = time.time() - started
     plots.plot_history(history, run.file("curves.png"))
     model = keras.models.load_model(run.file("model.keras"))
@@ -208,7 +205,7 @@ def run_task(config, run, records, split, log):
     params = peak_params(config.postprocess)
     val_f1 = None
     if config.tune_postprocess and val_records:
-        val_densities = predict_densities(model, val_records, config, depth)
+        val_densities = predict_densities(model, val_records, config, multiple)
         params, val_f1 = tune_postprocess(val_densities, val_records, params, radius, log)
     run.write_json("thresholds.json", thresholds_record("detection", params, "pooled_f1", val_f1, match_radius=radius,
                                                         density_sigma=config.density_sigma))
@@ -216,7 +213,7 @@ def run_task(config, run, records, split, log):
     # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
     from training import evaluate as scorer
 
-    test_densities = predict_densities(model, test_records, config, depth)
+    test_densities = predict_densities(model, test_records, config, multiple)
     density_of = {id(r): d for r, d in zip(test_records, test_densities)}
     result, artifacts = scorer.evaluate_detection(test_records, lambda record: {"mean": density_of[id(record)]},
                                                   params, radius, log=lambda message: None)

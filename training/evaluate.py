@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from kerasnuc.data import validation  # noqa: E402
-from kerasnuc.runs import postprocess_of  # noqa: E402
+from kerasnuc.runs import model_multiple, postprocess_of  # noqa: E402
 
 SPLITS = ("test", "val")
 TTA_MERGES = ("mean", "vote")
@@ -256,8 +256,9 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
     MC models); artifacts keep what the figures need.
     """
     from kerasnuc import metrics
-    from kerasnuc.postprocess import instances_from_probability, merge_instances_by_vote
-    from kerasnuc.postprocess.instances import split_probability_channels
+    from kerasnuc.postprocess import merge_instances_by_vote
+    from kerasnuc.predict.postprocess import foreground
+    from kerasnuc.predict.postprocess import instances as instances_of  # watershed or embedding clustering
 
     missing = [r.name for r in records if r.labels is None]
     if missing:
@@ -274,10 +275,10 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         maps = predict(record)
         mean = maps["mean"]
         if maps.get("views") is not None:
-            predicted = merge_instances_by_vote([instances_from_probability(v, **params) for v in maps["views"]],
+            predicted = merge_instances_by_vote([instances_of(v, params) for v in maps["views"]],
                                                 iou_threshold=VOTE_IOU)
         else:
-            predicted = instances_from_probability(mean, **params)
+            predicted = instances_of(mean, params)
         row = {"name": record.name, **metrics.segmentation_report(record.labels, predicted)}
         truth, pred_fg = record.labels > 0, predicted > 0
         pooled["true"] += int(truth.sum())
@@ -285,9 +286,9 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         pooled["inter"] += int((truth & pred_fg).sum())
         for k in ("tp", "fp", "fn"):
             pooled[k] += int(row[k])
-        fg_mean = split_probability_channels(mean)[0]
+        fg_mean = foreground(mean, params)
         if stochastic:
-            fg_passes = np.stack([split_probability_channels(p)[0] for p in maps["passes"]])
+            fg_passes = np.stack([foreground(p, params) for p in maps["passes"]])
             variance = fg_passes.var(axis=0)
             entropy = metrics.predictive_entropy(fg_mean)
             for name, unc in (("entropy", entropy), ("variance", variance)):
@@ -451,18 +452,6 @@ def evaluate_classification(records, classify, class_names=None,
 
 # ---------------------------------------------------------------------------- putting it together
 
-def _model_multiple(config):
-    from kerasnuc import models
-
-    depth = config.get("model_config", {}).get("depth")
-    if depth is None:
-        try:
-            depth = models.default_config(config["model"]).get("depth")
-        except ValueError:
-            depth = None
-    return 2 ** int(depth) if depth else 32
-
-
 def default_out(run, data=None, split="test", tta=False, tta_merge="mean"):
     name = dataset_name(data) if data else split
     suffix = ("-tta-vote" if tta_merge == "vote" else "-tta") if tta else ""
@@ -522,7 +511,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     if mc_samples and int(mc_samples) > 1 and not stochastic:
         log(f"note: {run.config['model']} has no Monte-Carlo dropout; --mc-samples {mc_samples} ignored (1 pass)")
     channels = int(run.config.get("channels") or 3)
-    settings = Settings(channels=channels, multiple=_model_multiple(run.config), tta=bool(tta),
+    settings = Settings(channels=channels, multiple=model_multiple(run.config), tta=bool(tta),
                         tta_merge=tta_merge, mc_samples=passes)
     what = f"split '{split}'" if not data else f"dataset {data}"
     log(f"evaluating {run.path} ({task}, {run.config['model']}) on {what}: {len(records)} images, "
