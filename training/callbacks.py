@@ -36,12 +36,15 @@ class TimeBudget(keras.callbacks.Callback):
     def __init__(self, minutes, log=print):
         super().__init__()
         self.seconds, self.log = float(minutes) * 60.0, log
+        self._spent = []
 
     def on_train_begin(self, logs=None):
-        self._start, self.durations = time.time(), []
+        self._start, self.durations = time.time() - sum(self._spent), list(self._spent)
 
     def restore(self, durations):
-        """Continue a resumed run's budget: the epochs already trained count as spent."""
+        """Continue a budget: the epochs already trained (a resumed run's, or an earlier
+        ``fit`` call's, as Self-Correction's phases are) count as spent."""
+        self._spent = list(durations)
         self.durations = list(durations)
         self._start = time.time() - sum(self.durations)
 

@@ -89,6 +89,20 @@ class FitConfig:
     time_budget: float = 0.0
     """Minutes of training allowed for each model (each fold); training stops after the
     epoch that would overrun it. 0: no limit. For CPU-budget runs of long recipes."""
+    self_correction: int = 0
+    """Self-Correction (Li et al., SCHP; segmentation): after the usual ``epochs`` (the warm-up),
+    this many cycles with a cosine learning rate restarting each cycle; at each cycle's end the
+    weights are averaged over the cycles (BatchNorm statistics re-estimated) and the training labels
+    blended with the averaged model's predictions. The averaged model is saved and evaluated. 0: off."""
+    self_correction_epochs: int = 10
+    """Epochs per self-correction cycle (SCHP: 10)."""
+    self_correction_lr_max: float = 1.0
+    """Learning rate at the start of each cycle, as a fraction of learning_rate (SCHP: 0.5)."""
+    self_correction_lr_min: float = 0.01
+    """Learning rate the cosine falls towards at the end of each cycle, as a fraction of
+    learning_rate (SCHP: 0.01)."""
+    self_correction_bn_batches: int = 0
+    """Training batches run to re-estimate the averaged model's BatchNorm statistics; 0: one epoch's."""
     mc_samples: int = 10
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
     workers: int = 1
@@ -101,6 +115,7 @@ class FitConfig:
 
     def validate(self):
         from kerasnuc import models
+        from kerasnuc.models.geometry import input_multiple
 
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got '{self.task}'")
@@ -115,6 +130,7 @@ class FitConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        self._validate_self_correction()
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
         from training.distribute import check_choice
@@ -123,10 +139,27 @@ class FitConfig:
         for name in ("epochs", "batch_size", "tile"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        depth = self.model_config.get("depth", models.default_config(self.model).get("depth"))
-        if self.task != "classification" and depth and self.tile % 2 ** depth:
-            raise ValueError(f"tile {self.tile} must be divisible by 2**depth = {2 ** depth}")
+        multiple = input_multiple(self.model, self.model_config)
+        if self.task != "classification" and self.tile % multiple:
+            raise ValueError(f"tile {self.tile} must be divisible by the input multiple {multiple} of {self.model}")
         return self
+
+    def _validate_self_correction(self):
+        if self.self_correction < 0:
+            raise ValueError(f"self_correction must be >= 0 cycles, got {self.self_correction}")
+        if not self.self_correction:
+            return
+        if self.task != "segmentation":
+            raise ValueError(f"self_correction is for the segmentation task, not {self.task}")
+        if self.self_correction_epochs < 1 or self.self_correction_bn_batches < 0:
+            raise ValueError("self_correction_epochs must be >= 1 and self_correction_bn_batches >= 0, got "
+                             f"{self.self_correction_epochs} and {self.self_correction_bn_batches}")
+        if not 0.0 <= self.self_correction_lr_min <= self.self_correction_lr_max:
+            raise ValueError("self_correction_lr_min and _lr_max need 0 <= min <= max, got "
+                             f"{self.self_correction_lr_min} and {self.self_correction_lr_max}")
+        if self.distribute != "none":
+            raise ValueError(f"self_correction does not run with distribute '{self.distribute}' "
+                             "(weight averaging and label refinement are single-process); use distribute none")
 
     @classmethod
     def from_run(cls, run_dir):

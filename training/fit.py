@@ -58,6 +58,16 @@ def build_parser():
     parser.add_argument("--balanced", action="store_true", default=None, help=docs["balanced"])
     parser.add_argument("--time-budget", type=float, dest="time_budget", metavar="MINUTES",
                         help=docs["time_budget"])
+    parser.add_argument("--self-correction", type=int, dest="self_correction", metavar="CYCLES",
+                        help=docs["self_correction"])
+    parser.add_argument("--self-correction-epochs", type=int, dest="self_correction_epochs",
+                        help=docs["self_correction_epochs"])
+    parser.add_argument("--self-correction-lr-max", type=float, dest="self_correction_lr_max",
+                        metavar="FRACTION", help=docs["self_correction_lr_max"])
+    parser.add_argument("--self-correction-lr-min", type=float, dest="self_correction_lr_min",
+                        metavar="FRACTION", help=docs["self_correction_lr_min"])
+    parser.add_argument("--self-correction-bn-batches", type=int, dest="self_correction_bn_batches",
+                        help=docs["self_correction_bn_batches"])
     parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
     from kerasnuc.data import validation
 
@@ -109,6 +119,9 @@ def resume_config(path):
             raise ValueError(f"{final}: a finished run; nothing to resume") from None
         raise ValueError(f"{error} (no partial run to resume)") from None
     config = FitConfig.from_dict(values).validate()
+    if config.self_correction:
+        raise ValueError(f"{final}: a --self-correction run cannot be resumed (its averaged weights and refined "
+                         "labels are not saved per epoch); start it again with --overwrite")
     config.out = final
     return config
 
@@ -135,6 +148,9 @@ def run(config, overwrite=False, log=None, resume=False):
             import shutil
 
             shutil.rmtree(run_dir.path, ignore_errors=True)  # our own empty folder: nothing was written
+        elif config.self_correction and (not isinstance(error, SystemExit) or error.code not in (0, None)):
+            log(f"training.fit: run failed; partial run kept in {run_dir.path}; a --self-correction run "
+                "cannot be resumed: start it again with --overwrite")
         elif not isinstance(error, SystemExit) or error.code not in (0, None):
             log(f"training.fit: run failed; partial run kept in {run_dir.path}; "
                 f"continue it with: python -m training.fit --resume {run_dir.final_path}")

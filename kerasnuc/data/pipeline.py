@@ -134,6 +134,21 @@ class SegmentationDataset(_SeededBatches):
     def __len__(self):
         return self.steps
 
+    def replace_targets(self, targets):
+        """Train on ``targets`` from now on: one (H, W, K) map per image, the shapes of the
+        current ones, soft values allowed (Self-Correction's refined labels, training.self_correction).
+        The images, the sampling and the records' labels stay as they are."""
+        if len(targets) != len(self.targets):
+            raise ValueError(f"replace_targets: {len(targets)} targets for {len(self.targets)} images")
+        new = []
+        for index, (old, target) in enumerate(zip(self.targets, targets)):
+            target = np.asarray(target, dtype=np.float32)
+            if target.shape != old.shape:
+                raise ValueError(f"replace_targets: target {index} has shape {target.shape}, "
+                                 f"the image's target has {old.shape}")
+            new.append(target)
+        self.targets = new
+
     def __getitem__(self, index):
         rng = self.batch_rng(index)
         window_h, window_w = _window_size(self.augmenter, self.tile)
