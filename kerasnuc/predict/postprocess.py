@@ -2,6 +2,11 @@
 
 Uses :mod:`kerasnuc.postprocess` (SciPy, scikit-image); on a device without them it falls
 back to OpenCV (connected components, local maxima by dilation) and says so once.
+
+The post-processing parameters (a run's thresholds.json ``postprocess``) choose the method:
+``{"method": "embedding", ...}`` (BayesNuSeg: seed + offsets + sigma maps) clusters pixel
+embeddings (:mod:`kerasnuc.postprocess.embedding`, NumPy only, so also without SciPy);
+without ``method`` (or ``"watershed"``) probability maps go through the watershed.
 """
 
 import sys
@@ -27,16 +32,83 @@ def _kwargs(function, params):
     return {k: v for k, v in (params or {}).items() if k in accepted}
 
 
+EMBEDDING = "embedding"
+
+
+def is_embedding(params):
+    """True when ``params`` (thresholds.json's postprocess) ask for embedding clustering."""
+    return (params or {}).get("method") == EMBEDDING
+
+
+def _embedding_module():
+    """kerasnuc.postprocess.embedding; loaded from its file where the package's SciPy imports fail."""
+    try:
+        from kerasnuc.postprocess import embedding
+
+        return embedding
+    except ImportError:
+        import importlib.util
+        import os
+
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "postprocess",
+                            "embedding.py")
+        spec = importlib.util.spec_from_file_location("kerasnuc_postprocess_embedding", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def embedding_instances(maps, params):
+    """Instances of (H, W, classes + 3) BayesNuSeg maps by sequential clustering; ``params``:
+    ``threshold`` (foreground: seed above it), ``seed_threshold``, ``score_threshold``,
+    ``min_area``, ``offset_scale``, ``min_unclustered``, ``classes``."""
+    module = _embedding_module()
+    params = dict(params or {})
+    seed, offsets, sigma = module.split_embedding_maps(maps, params.get("classes"))
+    options = {k: params[k] for k in ("seed_threshold", "score_threshold", "min_area", "offset_scale",
+                                      "min_unclustered") if k in params}
+    return module.instances_from_embeddings(seed, offsets, sigma,
+                                            foreground_threshold=params.get("threshold", 0.5), **options)
+
+
+def foreground(maps, params=None):
+    """(H, W) nucleus probability of a model's maps: the seed map (max over classes) for
+    embedding models, else the probability's foreground (softmax: inside + boundary)."""
+    maps = np.asarray(maps, np.float32)
+    if is_embedding(params):
+        return _embedding_module().split_embedding_maps(maps, (params or {}).get("classes"))[0]
+    if maps.ndim == 3 and maps.shape[-1] == 3:
+        return maps[..., 1] + maps[..., 2]
+    return maps.reshape(maps.shape[:2])
+
+
+def uncertainty(variance, params=None):
+    """(H, W) per-pixel uncertainty of a Monte-Carlo model from its (H, W, K) predictive
+    variance: the seed channels' (max over classes) for embedding models (offsets and sigma
+    are geometry, not probabilities), else the mean over channels."""
+    variance = np.asarray(variance, np.float32)
+    if variance.ndim == 2:
+        return variance
+    if is_embedding(params):
+        classes = int((params or {}).get("classes") or variance.shape[-1] - 3)
+        return variance[..., :classes].max(axis=-1)
+    return variance.mean(axis=-1)
+
+
 def instances(prob, params):
-    """Instance labels from a probability map (kerasnuc.postprocess or an OpenCV fallback)."""
+    """Instance labels from a model's maps: embedding clustering when ``params["method"]`` is
+    "embedding", else the watershed of a probability map (kerasnuc.postprocess or an OpenCV
+    fallback)."""
+    if is_embedding(params):
+        return embedding_instances(prob, params)
     post = _postprocess_module()
     if post is not None:
         return post.instances_from_probability(prob, **_kwargs(post.instances_from_probability, params))
     import cv2
 
     prob = np.asarray(prob, np.float32)
-    foreground = (prob[..., 1] + prob[..., 2]) if prob.ndim == 3 and prob.shape[-1] == 3 else prob.reshape(prob.shape[:2])
-    mask = (foreground > params.get("threshold", 0.5)).astype(np.uint8)
+    fg = foreground(prob, params)
+    mask = (fg > params.get("threshold", 0.5)).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     small = stats[:, cv2.CC_STAT_AREA] < params.get("min_area", 10)
     small[0] = False

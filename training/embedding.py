@@ -1,0 +1,182 @@
+"""The segmentation task for embedding models (BayesNuSeg): instance-id targets, the
+seed + embedding loss, seed-threshold tuning by AJI, and held-out scoring by the engine.
+
+:func:`training.segmentation.run_task` hands over here for the families in ``FAMILIES``;
+the run folder's layout is the same as every segmentation run's (model.keras,
+history.csv, curves.png, thresholds.json with ``"method": "embedding"``, metrics.json with
+pixel Dice (= pixel F1) and IoU, AJI, PQ and, for Monte-Carlo models, uncertainty
+accuracy from the predictive variance of the seed map).
+
+Targets: the crop's instance ids, renumbered 1..K per crop (so a fixed one-hot of
+``max_instances`` ids covers any crop of an image with hundreds of nuclei) by
+``skimage.measure.label`` of equal-id connected regions (a nucleus that a mirror-padded
+small image repeats becomes two instances, not one in two places). The ids travel through
+augmentation as int32, which :class:`kerasnuc.data.augment.Augmenter` resamples by nearest
+neighbour (flips and rot90 exactly; free rotation and elastic deformation too, without
+mixing ids), and become float32 only after renumbering.
+"""
+
+import itertools
+import time
+
+import numpy as np
+
+from kerasnuc import models
+from kerasnuc.data.pipeline import SegmentationDataset
+from kerasnuc.runs import thresholds_record
+
+FAMILIES = ("bayesnuseg",)
+SEED_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+FOREGROUND_THRESHOLDS = (0.3, 0.5)
+DEFAULT_POSTPROCESS = {"method": "embedding", "threshold": 0.5, "seed_threshold": 0.5, "score_threshold": 0.5,
+                       "min_area": 10, "min_unclustered": 0.5}
+POSTPROCESS_KEYS = tuple(DEFAULT_POSTPROCESS) + ("offset_scale", "classes")
+
+
+def handles(config):
+    """True if ``config.model`` is trained by this module."""
+    return config.model in FAMILIES
+
+
+def instance_target(labels):
+    """(H, W, 1) int32 instance ids of a whole image (renumbered per crop by the dataset)."""
+    return np.asarray(labels, np.int32)[..., None]
+
+
+class EmbeddingDataset(SegmentationDataset):
+    """:class:`SegmentationDataset` of crops with their instance ids renumbered 1..K per crop (float32)."""
+
+    def __init__(self, records, **kwargs):
+        super().__init__(records, target=instance_target, **kwargs)
+
+    def __getitem__(self, index):
+        from skimage.measure import label
+
+        x, y = super().__getitem__(index)
+        ids = np.stack([label(crop[..., 0], background=0, connectivity=1) for crop in y])
+        return x, ids[..., None].astype(np.float32)
+
+
+def loss_of(config):
+    """The family's loss with the run's loss_options (lambdas, offset_scale, max_instances)."""
+    from kerasnuc.losses import get_loss
+
+    classes = int(config.model_config.get("classes", models.default_config(config.model).get("classes", 1)))
+    options = {k: v for k, v in (config.loss_options or {}).items() if k != "classes"}
+    try:
+        return get_loss("bayesnuseg", classes=classes, **options)
+    except TypeError as error:
+        raise ValueError(f"loss_options for {config.model}: {error}") from None
+
+
+def build_model(config):
+    from training.optimizers import make_optimizer
+
+    model = models.build(config.model, input_shape=(None, None, config.channels), **dict(config.model_config))
+    model.compile(optimizer=make_optimizer(config), loss=loss_of(config))
+    return model
+
+
+def train(config, run, train_records, val_records, log):
+    """Fit; the best epoch by validation loss is saved as model.keras."""
+    from kerasnuc.data.augment import Augmenter
+    from training.callbacks import fit_into_run
+
+    depth = config.model_config.get("depth", models.default_config(config.model).get("depth", 0))
+    if config.loss != config.model:
+        log(f"loss: {config.model} trains with its own loss ('{config.model}'), not '{config.loss}'")
+    model = build_model(config)
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}, "
+        f"output {model.output_shape[-1]} channels (seed..., offset_y, offset_x, sigma)")
+    augmenter = Augmenter(**config.augment) if config.augment else None
+    common = {"tile": config.tile, "batch_size": config.batch_size, "channels": config.channels}
+    train_data = EmbeddingDataset(train_records, steps=config.steps_per_epoch or None, augmenter=augmenter,
+                                  seed=config.seed, workers=config.workers, **common)
+    # validation: fixed crops (its own seed); with steps_per_epoch as many batches as an epoch
+    # trains, else one pass over the validation pixels
+    val_data = (EmbeddingDataset(val_records, steps=config.steps_per_epoch or None, seed=config.seed + 1, **common)
+                if val_records else None)
+    log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
+        f"{config.epochs} epochs")
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+    return history, depth
+
+
+def postprocess_defaults(config):
+    """Clustering parameters: the defaults, the config's postprocess values for these keys,
+    and the loss's offset_scale and class count (the maps mean nothing without them)."""
+    loss = loss_of(config)
+    given = {k: v for k, v in (config.postprocess or {}).items() if k in POSTPROCESS_KEYS}
+    return {**DEFAULT_POSTPROCESS, **given, "method": "embedding", "offset_scale": loss.offset_scale,
+            "classes": loss.classes}
+
+
+def tune_postprocess(maps, records, defaults, log):
+    """Grid-search seed_threshold and the foreground threshold for the best mean AJI."""
+    from kerasnuc import metrics
+    from kerasnuc.predict.postprocess import instances
+
+    best, best_score = dict(defaults), -1.0
+    for seed_threshold, threshold in itertools.product(SEED_THRESHOLDS, FOREGROUND_THRESHOLDS):
+        params = {**defaults, "seed_threshold": seed_threshold, "threshold": threshold}
+        score = float(np.mean([metrics.aggregated_jaccard_index(r.labels, instances(m, params))
+                               for m, r in zip(maps, records)]))
+        if score > best_score:
+            best, best_score = params, score
+    log(f"clustering tuned on {len(records)} validation images: seed_threshold {best['seed_threshold']}, "
+        f"threshold {best['threshold']} (AJI {best_score:.3f})")
+    return best, best_score
+
+
+def run_task(config, run, records, split, log):
+    """Train, tune, evaluate (as :func:`training.segmentation.run_task`, with this family's
+    target, loss and clustering)."""
+    import keras
+
+    from training import evaluate as scorer
+    from training import plots
+
+    by_name = {r.name: r for r in records}
+    train_records = [by_name[n] for n in split["train"]]
+    val_records = [by_name[n] for n in split["val"]]
+    test_records = [by_name[n] for n in split["test"]]
+    started = time.time()
+    history, depth = train(config, run, train_records, val_records, log)
+    train_seconds = time.time() - started
+    plots.plot_history(history, run.file("curves.png"))
+    model = keras.models.load_model(run.file("model.keras"))
+    passes = config.mc_samples if models.is_stochastic(model) else 1
+    settings = scorer.Settings(channels=config.channels, multiple=2 ** depth, mc_samples=passes)
+    engine = scorer.engine_for(model, settings)
+
+    params, val_score = postprocess_defaults(config), None
+    if config.tune_postprocess and val_records:
+        maps = [engine.predict_maps(r.image, tile=0, samples=passes)[0] for r in val_records]
+        params, val_score = tune_postprocess(maps, val_records, params, log)
+    run.write_json("thresholds.json", thresholds_record("segmentation", params, "aji", val_score))
+
+    result, artifacts = scorer.evaluate_segmentation(
+        test_records, lambda record: scorer.predict_record(model, record, settings, engine), params, settings,
+        log=lambda message: None)
+    summary, per_image, found = dict(result["mean"]), result["per_image"], artifacts["instances"]
+    summary["dice_pooled"] = float(result["pooled"]["dice"])
+    summary["iou_pooled"] = float(result["pooled"]["iou"])
+    for key in ("ua_variance_pooled", "ua_entropy_pooled"):
+        if result.get("uncertainty", {}).get(key) is not None:
+            summary[key] = float(result["uncertainty"][key])
+    run.write_json("metrics.json", {
+        "split": "test", "images": len(test_records), **result, "mean": summary,
+        "postprocess": params, "epochs": len(history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1), "mc_samples": passes,
+        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
+    })
+    if test_records:
+        picks = artifacts["picks"]
+        panels = [plots.overlay(test_records[i].image, test_records[i].labels, found[i]) for i in picks]
+        titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in picks]
+        plots.save_overlays(panels, run.file("overlay.png"), titles)
+    log(f"test ({len(test_records)} images): pixel F1 (Dice) {summary.get('dice', float('nan')):.3f}, "
+        f"IoU {summary.get('iou', float('nan')):.3f}, AJI {summary.get('aji', float('nan')):.3f}, "
+        f"PQ {summary.get('pq', float('nan')):.3f}"
+        + (f", UA {summary['ua_variance_pooled']:.3f}" if "ua_variance_pooled" in summary else ""))
+    return summary
