@@ -102,7 +102,7 @@ def read_json(path, default=_REQUIRED):
     try:
         with open(path) as handle:
             return json.load(handle)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path}: not valid JSON ({error})") from None
 
 

@@ -276,7 +276,7 @@ def test_broken_tflite_and_metadata(lite, tmp_path):
     message, path = variant("random", content=np.random.default_rng(0).bytes(3000))
     assert message == f"serving.edge: {path}: not a readable .tflite model (The model is not a valid Flatbuffer buffer)"
     message, path = variant("notjson", metadata='{"task": ')
-    assert message.startswith(f"serving.edge: {path[:-7]}.json: metadata is not valid JSON (")
+    assert message.startswith(f"serving.edge: {path[:-7]}.json: not valid JSON (")
     message, path = variant("notask", metadata={k: v for k, v in meta.items() if k != "task"})
     assert message == (f"serving.edge: {path[:-7]}.json: metadata task None is none of segmentation, detection, "
                        "classification (not a python -m export.tflite metadata file?)")

@@ -6,7 +6,6 @@ accelerators) is never resized: batches run in calls of its fixed batch, and the
 tiles images in exactly its H x W. Imports LiteRT and NumPy only.
 """
 
-import json
 import os
 
 import numpy as np
@@ -26,20 +25,13 @@ def load_metadata(model_path, path=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: metadata JSON not found (written by python -m export.tflite "
                                 "beside the .tflite; or pass --metadata)")
-    try:
-        with open(path) as handle:
-            meta = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: metadata is not valid JSON ({error})") from None
-    from kerasnuc.runs import TASKS
+    from kerasnuc.runs import TASKS, check_config, read_json_object
 
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: metadata must be a JSON object, found {type(meta).__name__}")
-    if meta.get("task") not in TASKS:
+    meta = read_json_object(path)  # RunError (a ValueError) naming the file
+    if meta.get("task") not in TASKS:  # required here: a run's config.json may omit it, metadata may not
         raise ValueError(f"{path}: metadata task {meta.get('task')!r} is none of {', '.join(TASKS)} "
                          "(not a python -m export.tflite metadata file?)")
-    if meta.get("channels") not in (1, 3):
-        raise ValueError(f"{path}: metadata channels must be 1 or 3, got {meta.get('channels')!r}")
+    check_config(meta, path)
     return meta
 
 
