@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import zipfile
 
 import keras
 import numpy as np
@@ -208,6 +209,9 @@ def test_a_short_run_with_two_cycles(tmp_path, monkeypatch):
 
     # the saved model is the average of the warm-up and cycle-end models (BatchNorm re-estimated)
     model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    with zipfile.ZipFile(out / "model.keras") as archive:  # loads without training/ imported
+        assert "RefinedLabelIoU" not in archive.read("config.json").decode()
+    assert float(rows[-1]["iou"]) > 0  # the training iou counts refined labels >= 0.5 as nuclei
     assert len(spy.kernels) == 3
     np.testing.assert_allclose(_Spy.kernel(model), np.mean(spy.kernels, axis=0), rtol=1e-5, atol=1e-6)
 

@@ -11,6 +11,7 @@ from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
 from kerasnuc.data.pipeline import SegmentationDataset
 from kerasnuc.losses import get_loss
+from kerasnuc.models.geometry import input_multiple
 from kerasnuc.postprocess import instances_from_probability
 from kerasnuc.runs import thresholds_record
 from training import plots
@@ -24,16 +25,22 @@ MIN_DISTANCES = (2, 3, 5, 8)
 def build_model(config):
     model_config = dict(config.model_config)
     model = models.build(config.model, input_shape=(None, None, config.channels), **model_config)
+    return compile_model(model, config)
+
+
+def compile_model(model, config, iou=None):
+    """The optimizer, loss and metrics of the run (also for Self-Correction's models; ``iou``
+    replaces the BinaryIoU metric)."""
     model.compile(optimizer=make_optimizer(config), loss=get_loss(config.loss, **config.loss_options),
-                  metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
+                  metrics=[iou if iou is not None else keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
     return model
 
 
 def train(config, run, train_records, val_records, log):
     """Fit the model; the best epoch by validation loss is saved as model.keras."""
-    depth = config.model_config.get("depth", models.default_config(config.model).get("depth", 0))
+    multiple = input_multiple(config.model, config.model_config)
     model = build_model(config)
-    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}")
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {multiple}")
     augmenter = Augmenter(**config.augment) if config.augment else None
     train_data = SegmentationDataset(train_records, tile=config.tile, batch_size=config.batch_size,
                                      steps=config.steps_per_epoch or None, channels=config.channels,
@@ -42,15 +49,26 @@ def train(config, run, train_records, val_records, log):
                                    channels=config.channels, seed=config.seed + 1)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
-    return history, depth
+    if config.self_correction:
+        from training.self_correction import SelfCorrection
+
+        history = SelfCorrection(config, run, model, train_data, val_data, train_records, multiple, log).fit()
+    else:
+        history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+    return history, multiple
 
 
-def predict_probabilities(model, records, config, depth):
+def predict_probabilities(model, records, config, multiple):
     """Foreground probability (H, W) per image; MC models average ``mc_samples`` passes."""
-    engine = held_out_engine(model, config, 2 ** depth)
+    return [maps[..., 0] for maps in predict_maps(model, records, config, multiple)]
+
+
+def predict_maps(model, records, config, multiple):
+    """The model's (H, W, K) output maps of each whole image, through the prediction engine;
+    MC models average ``mc_samples`` passes."""
+    engine = held_out_engine(model, config, multiple)
     passes = config.mc_samples if models.is_stochastic(model) else 1
-    return [engine.predict_maps(record.image, tile=0, samples=passes)[0][..., 0] for record in records]
+    return [engine.predict_maps(record.image, tile=0, samples=passes)[0] for record in records]
 
 
 def held_out_engine(model, config, multiple):
@@ -77,12 +95,21 @@ def tune_postprocess(probabilities, records, defaults, log):
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
     metrics.json and overlay.png into ``run``."""
+    from training import embedding
+
+    if embedding.handles(config):  # BayesNuSeg: instance-id targets, its own loss, clustering
+        if config.self_correction:
+            import sys
+
+            sys.exit(f"training.fit: --self-correction refines map targets; model {config.model} trains on "
+                     "instance ids (not supported)")
+        return embedding.run_task(config, run, records, split, log)
     by_name = {r.name: r for r in records}
     train_records = [by_name[n] for n in split["train"]]
     val_records = [by_name[n] for n in split["val"]]
     test_records = [by_name[n] for n in split["test"]]
     started = time.time()
-    history, depth = train(config, run, train_records, val_records, log)
+    history, multiple = train(config, run, train_records, val_records, log)
     train_seconds = time.time() - started
     plots.plot_history(history, run.file("curves.png"))
     model = keras.models.load_model(run.file("model.keras"))
@@ -90,14 +117,14 @@ def run_task(config, run, records, split, log):
     params = dict(config.postprocess)
     val_score = None
     if config.tune_postprocess and val_records:
-        val_probabilities = predict_probabilities(model, val_records, config, depth)
+        val_probabilities = predict_probabilities(model, val_records, config, multiple)
         params, val_score = tune_postprocess(val_probabilities, val_records, params, log)
     run.write_json("thresholds.json", thresholds_record("segmentation", params, "aji", val_score))
 
     # the held-out score is training.evaluate's (one evaluator, one metrics.json layout)
     from training import evaluate as scorer
 
-    settings = scorer.Settings(channels=config.channels, multiple=2 ** depth,
+    settings = scorer.Settings(channels=config.channels, multiple=multiple,
                                mc_samples=config.mc_samples if models.is_stochastic(model) else 1)
     engine = scorer.engine_for(model, settings)
     result, artifacts = scorer.evaluate_segmentation(

@@ -13,8 +13,10 @@ the model correct its own labels over training cycles. ``training.fit --self-cor
    model's map of the whole image through the prediction engine, so the next cycle trains on
    soft, refined labels. Validation and test labels never change.
 
-The averaged model is saved as model.keras (the one evaluated); history.csv gains the columns
-``learning_rate`` and ``cycle`` (0: warm-up); ``self_correction.json`` says what each cycle changed.
+The averaged model is saved as model.keras after each cycle (the warm-up's last model before the
+first; no best-epoch pick) and is the one evaluated; history.csv gains the columns ``learning_rate``
+and ``cycle`` (0: warm-up), its ``iou`` is against the refined labels thresholded at 0.5
+(:class:`RefinedLabelIoU`); ``self_correction.json`` says what each cycle changed.
 Not resumable (``--resume`` refuses such a run): the averaged weights and refined labels are not
 saved per epoch.
 """
@@ -25,7 +27,7 @@ import os
 import keras
 import numpy as np
 
-from training.callbacks import BestModel, EpochProgress, TimeBudget
+from training.callbacks import EpochProgress, TimeBudget
 from training.distribute import local_batches
 
 
@@ -69,6 +71,18 @@ class CyclicalSchedule(keras.callbacks.Callback):
         if logs is not None:
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["cycle"] = self.cycle
+
+
+@keras.saving.register_keras_serializable(package="kerasnuc")  # clone_model copies the compile config
+class RefinedLabelIoU(keras.metrics.BinaryIoU):
+    """BinaryIoU against labels thresholded at 0.5. Keras' BinaryIoU casts soft labels to
+    integers (0.8 -> 0), so on refined labels it reads 0; this counts a pixel as nucleus when
+    its refined label says so more likely than not. Only the training model uses it (the saved,
+    averaged model keeps the plain metric, so model.keras needs nothing from training/)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.cast(keras.ops.convert_to_tensor(y_true) >= 0.5, "float32")
+        return super().update_state(y_true, y_pred, sample_weight)
 
 
 def _is_float(variable):
@@ -155,23 +169,26 @@ class SelfCorrection:
 
     def __init__(self, config, run, model, train_data, val_data, train_records, multiple, log=print):
         self.config, self.run, self.model, self.log = config, run, model, log
-        self.train_data, self.val_data, self.train_records, self.multiple = train_data, val_data, train_records, multiple
+        self.train_data, self.val_data = train_data, val_data
+        self.train_records, self.multiple = train_records, multiple
         self.average, self.cycles, self.warmup = None, [], {}
         self.budget = TimeBudget(config.time_budget, log) if config.time_budget else None
+        from training.segmentation import compile_model
+
+        compile_model(model, config, RefinedLabelIoU(target_class_ids=[1], name="iou"))  # before training
         channels = model.output_shape[-1]
         if channels != train_data.targets[0].shape[-1]:
-            raise SystemExit(f"training.fit: --self-correction: model {config.model} gives {channels} output channels, its "
-                             f"training targets {train_data.targets[0].shape[-1]}; it cannot refine these labels")
+            raise SystemExit(f"training.fit: --self-correction: model {config.model} gives {channels} output "
+                             f"channels, its training targets {train_data.targets[0].shape[-1]}; cannot refine them")
 
     @property
     def total_epochs(self):
         return self.config.epochs + self.config.self_correction * self.config.self_correction_epochs
 
-    def _fit(self, first, last, checkpoint=None):
+    def _fit(self, first, last):
         """Epochs ``first``..``last - 1`` (global numbering); True when the time budget stopped them."""
         callbacks = [CyclicalSchedule(self.config, (self.train_data, self.val_data)),
                      keras.callbacks.CSVLogger(self.run.file("history.csv"), append=first > 0)]
-        callbacks += [checkpoint] if checkpoint is not None else []
         callbacks += [EpochProgress(self.total_epochs, self.log)] + ([self.budget] if self.budget else [])
         if self.budget is not None and first > 0:
             self.budget.restore(self.budget.durations)  # the warm-up and earlier cycles count as spent
@@ -196,9 +213,9 @@ class SelfCorrection:
         from training.segmentation import compile_model, predict_maps
 
         config, E = self.config, self.config.self_correction_epochs
-        monitor = "val_loss" if self.val_data is not None else "loss"
-        stopped = self._fit(0, config.epochs, BestModel(self.run.file("model.keras"), monitor))
+        stopped = self._fit(0, config.epochs)
         self.average = WeightAverage(self.model, lambda model: compile_model(model, config))
+        self._save()  # the warm-up's last model, the first of the average
         self.warmup = {"epochs": config.epochs, "val_loss_averaged": self._val_loss(self.average.model)}
         for cycle in range(1, config.self_correction + 1):
             if stopped:
@@ -245,6 +262,6 @@ class SelfCorrection:
             "cycle_epochs": config.self_correction_epochs,
             "learning_rate_range": [config.self_correction_lr_max * config.learning_rate,
                                     config.self_correction_lr_min * config.learning_rate],
-            "model_saved": "averaged" if self.cycles else "best warm-up epoch",
+            "model_saved": "averaged" if self.cycles else "last warm-up epoch",
             "stopped_by_time_budget": bool(stopped and len(self.cycles) < config.self_correction),
             "warmup": self.warmup, "per_cycle": self.cycles})
