@@ -23,6 +23,7 @@ saved per epoch.
 
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -221,12 +222,17 @@ class SelfCorrection:
             if stopped:
                 break
             first = config.epochs + (cycle - 1) * E
+            started = time.time()
             stopped = self._fit(first, first + E)
+            trained = time.time()
             m = self.average.count
             moved, relative = self.average.add(self.model)
             bn = reestimate_batchnorm(self.average.model, self._bn_batches())
+            averaged = time.time()
             predictions = predict_maps(self.average.model, self.train_records, config, self.multiple)
             change = refine_labels(self.train_data, predictions, m)
+            seconds = {"training": round(trained - started, 1), "averaging": round(averaged - trained, 1),
+                       "label_refinement": round(time.time() - averaged, 1)}
             history = read_history(self.run.file("history.csv"))
             rates = [lr for lr, c in zip(history["learning_rate"], history["cycle"]) if c == cycle]
             self.cycles.append({
@@ -235,7 +241,7 @@ class SelfCorrection:
                 "models_averaged": self.average.count, "weights_moved": moved,
                 "weights_moved_relative": relative, "batchnorm_batches": bn,
                 "label_change": change, "val_loss_model": history.get("val_loss", [None])[-1],
-                "val_loss_averaged": self._val_loss(self.average.model)})
+                "val_loss_averaged": self._val_loss(self.average.model), "seconds": seconds})
             self._save()
             self.log(f"self-correction cycle {cycle}/{config.self_correction}: {self.average.count} models "
                      f"averaged (weights moved {relative:.2e} relative), labels changed {change:.4f} per pixel, "
