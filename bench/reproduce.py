@@ -109,17 +109,31 @@ def _short(path):
     return os.path.relpath(path, os.path.dirname(HERE)) if os.path.isabs(path) else path
 
 
+def _kept_rows(path, new_rows):
+    """Rows of an earlier table for (task, dataset, model) that ``new_rows`` does not cover."""
+    if not os.path.isfile(path):
+        return []
+    covered = {(r["task"], r["dataset"], r["model"]) for r in new_rows}
+    with open(path) as handle:
+        return [r for r in json.load(handle) if (r["task"], r["dataset"], r["model"]) not in covered]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--name", default="reproduce", help="file stem in --results (default reproduce)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of the existing <name>.json whose (task, dataset, model) none of "
+                             "the given runs covers (runs made earlier, elsewhere); the table says which")
     args = parser.parse_args()
     rows = []
     for run in args.runs:
         if not os.path.isfile(os.path.join(run, "metrics.json")):
             sys.exit(f"bench/reproduce.py: {run}: no metrics.json (not a finished run)")
         rows.extend(summarise(run))
+    kept = _kept_rows(os.path.join(args.results, args.name + ".json"), rows) if args.keep else []
+    rows = kept + rows
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, args.name + ".json"), "w") as handle:
         json.dump(rows, handle, indent=2)
@@ -150,6 +164,8 @@ def main():
             f"` on {platform.node() or 'this machine'}. 'epochs run (of)': the epochs reached (per fold) and the "
             "recipe's count; 'budget min': the training minutes allowed per model or fold (CPU-budget runs, "
             "configs/cpu/); 'setup': machine, Keras backend and model width. Published figures are the papers' own.\n\n"
+            + (f"Rows kept from the previous table (`--keep`; runs made earlier by the same command, not on this "
+               f"machine now): {', '.join(sorted({_short(r['run']) for r in kept}))}.\n\n" if kept else "")
             + "\n".join(lines) + "\n")
     with open(os.path.join(args.results, args.name + ".md"), "w") as handle:
         handle.write(text)

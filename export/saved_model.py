@@ -195,11 +195,12 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
     import keras
 
     from export.deploy import write_deploy_files
-    from kerasnuc.runs import load_model, run_metadata, write_json_atomic
+    from kerasnuc.runs import load_model, read_run, run_metadata, write_json_atomic
 
     log = log or (lambda message: print(message, flush=True))
-    model = load_model(run_dir)
-    meta = run_metadata(run_dir, model)
+    run = read_run(run_dir)  # read once, passed on
+    model = load_model(run)
+    meta = run_metadata(run, model)
     name = name or meta["model"] or "model"
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ExportError(f"model name '{name}': use letters, digits, '-' and '_' only")

@@ -507,7 +507,7 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     """
     import shutil
 
-    from kerasnuc.runs import load_model, run_metadata
+    from kerasnuc.runs import load_model, read_run, run_metadata
 
     log = log or (lambda message: print(message, flush=True))
     if input_size is not None:
@@ -515,8 +515,9 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
             parse_input_size(input_size)  # a malformed size fails before the model loads
         except ValueError as error:
             raise ValueError(f"{run_dir}: {error}") from None
-    model = load_model(run_dir)  # RunError for a broken run or a model that does not fit its task
-    meta = run_metadata(run_dir, model)
+    run = read_run(run_dir)  # read once, passed on
+    model = load_model(run)  # RunError for a broken run or a model that does not fit its task
+    meta = run_metadata(run, model)
     static = static_input_shape(run_dir, meta, input_size) if input_size is not None else None
     out = out or default_output(run_dir, meta, quantize, static)
     if not out.endswith(".tflite"):

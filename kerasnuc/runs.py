@@ -154,7 +154,11 @@ def read_run(run_dir):
     prediction engine). Errors name the missing or broken file.
 
     A fold of a cross-validation run (``RUN/fold2``) works too: its config.json is the parent's.
+    A :class:`Run` already read is returned as it is, so callers pass it on instead of
+    reading the folder again.
     """
+    if isinstance(run_dir, Run):
+        return run_dir
     path = os.path.abspath(os.fspath(run_dir)).rstrip(os.sep)
     if path.endswith(".incomplete"):
         raise RunError(f"{path}: this run did not finish (a '.incomplete' folder is never a run); "
@@ -219,11 +223,11 @@ def load_model(run_dir, check=True):
     (:func:`kerasnuc.model_checks.check_keras_model`): exports and the engine never serve a
     model as something it is not. Errors are :class:`RunError` (one line naming the file)."""
     run = read_run(run_dir)
-    model = read_keras_file(os.path.join(os.fspath(run_dir), "model.keras"))
+    model = read_keras_file(os.path.join(run.path, "model.keras"))
     if check:
         from kerasnuc.model_checks import check_keras_model
 
-        check_keras_model(model, run.config, os.fspath(run_dir),
+        check_keras_model(model, run.config, run.path,
                           recorded_class_names(run.config, run.path) if run.task == "classification" else (),
                           multiple=model_multiple(run.config))
     return model
@@ -349,14 +353,16 @@ def deterministic_clone(model):
 
 
 def run_metadata(run_dir, model=None, measure=True):
-    """The metadata dict of a run (see the module docstring for the keys)."""
+    """The metadata dict of a run (see the module docstring for the keys); ``run_dir`` may be
+    the :class:`Run` that :func:`read_run` gave."""
     import keras
 
     from kerasnuc import __version__
     from kerasnuc.models import is_stochastic
 
-    config, thresholds, split = load_run(run_dir)
-    model = model if model is not None else load_model(run_dir)
+    run = read_run(run_dir)
+    run_dir, config, thresholds = run.path, run.config, run.thresholds
+    model = model if model is not None else load_model(run)
     task = config.get("task", "segmentation")
     channels = int(config.get("channels", model.input_shape[-1] or 3))
     meta = {

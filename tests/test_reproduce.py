@@ -50,6 +50,27 @@ def test_table_from_fold_detection_and_classifier_runs(tmp_path):
     assert "| dcrn | crchisto | 0.800 | 0.300 |" in text and "filters 12" in text
 
 
+def test_keep_carries_earlier_rows_that_no_new_run_replaces(tmp_path):
+    data = "monuseg:../shared/data/monuseg2018/train"
+    old = _run_folder(tmp_path / "old", {"task": "segmentation", "model": "unet", "data": data},
+                      {"dice": 0.7, "aji": 0.4, "epochs": 9})
+    replaced = _run_folder(tmp_path / "fcn_old", {"task": "segmentation", "model": "fcn8", "data": data},
+                           {"dice": 0.5, "aji": 0.2, "epochs": 3})
+    new = _run_folder(tmp_path / "fcn_new", {"task": "segmentation", "model": "fcn8", "data": data},
+                      {"dice": 0.6, "aji": 0.3, "epochs": 4})
+    out = tmp_path / "results"
+    run = lambda *runs: subprocess.run([sys.executable, SCRIPT, *runs, "--results", str(out), "--keep"],  # noqa: E731
+                                       check=True, capture_output=True, text=True)
+    run(old, replaced)
+    run(new)
+    rows = json.load(open(out / "reproduce.json"))
+    assert sorted((r["model"], r["metric"], r["ours"]) for r in rows) == [
+        ("fcn8", "aji", 0.3), ("fcn8", "dice", 0.6), ("unet", "aji", 0.4), ("unet", "dice", 0.7)]
+    text = open(out / "reproduce.md").read()
+    assert "Rows kept from the previous table" in text and "0.8467 (Kumar" not in text  # 3 decimals
+    assert "| fcn8 | dice | 0.600 |" in text and "0.847 (Kumar et al. 2020 (pixel F1))" in text
+
+
 def test_a_folder_without_metrics_is_refused(tmp_path):
     (tmp_path / "half").mkdir()
     result = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "half"), "--results", str(tmp_path / "r")],
@@ -58,8 +79,8 @@ def test_a_folder_without_metrics_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("name", ["unet_dsb2018_5fold", "r2unet_dsb2018_5fold", "udnet_crchisto",
-                                  "dcrn_crchisto", "densenet_crchisto", "unet_monuseg", "segnet_monuseg"])
+@pytest.mark.parametrize("name", sorted(os.path.splitext(name)[0]
+                                         for name in os.listdir(os.path.join(ROOT, "configs", "cpu"))))
 def test_cpu_budget_configs_are_valid_and_capped(name):
     from training.config import load_config_file, resolve
 

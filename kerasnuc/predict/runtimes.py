@@ -24,9 +24,10 @@ class KerasRuntime:
             return
         from kerasnuc import runs
 
-        self.path = os.path.abspath(run_dir)
-        self.model = runs.load_model(run_dir)
-        self.meta = runs.run_metadata(run_dir, self.model, measure=measure)
+        run = runs.read_run(run_dir)  # read once, passed on
+        self.path = run.path
+        self.model = runs.load_model(run)
+        self.meta = runs.run_metadata(run, self.model, measure=measure)
 
     def run(self, batch):
         batch = np.asarray(batch, np.float32)
