@@ -287,3 +287,25 @@ def test_exports_saved_model_with_uncertainty_and_int8_tflite_run_by_edge(monuse
     labels = cv2.imread(str(tmp_path / "edge" / "tile_labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (40, 56) and labels.max() >= 1
     assert os.path.exists(tmp_path / "edge" / "tile_variance.npy")
+
+
+def test_clustering_runs_where_scipy_skimage_and_the_frameworks_are_missing():
+    """On a device without SciPy / scikit-image (serving.edge's fallback) the clustering still runs."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from import_blocker import FRAMEWORKS, LEAK_CHECK, PREAMBLE, environment
+
+    blocked = FRAMEWORKS + ("scipy", "skimage")
+    script = PREAMBLE + textwrap.dedent('''
+        import numpy as np
+        from kerasnuc.predict.postprocess import instances
+        maps = np.zeros((40, 40, 4), np.float32)
+        maps[5:15, 5:15, 0] = maps[25:35, 20:30, 0] = 1.0
+        maps[..., 1:3] = 0.5                      # zero offsets: each pixel points at itself
+        maps[..., 3] = 20.0 / 64                  # wide enough to claim a whole square
+        labels = instances(maps, {"method": "embedding", "offset_scale": 64.0, "min_area": 5})
+        print(int(labels.max()), int((labels > 0).sum()))
+    ''') + LEAK_CHECK
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            env={**environment(blocked), "PYTHONPATH": REPO}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["2", "200"]
