@@ -26,7 +26,8 @@ Deviations, all deliberate:
 * ReLU after every BN (SCHP's InPlaceABN uses leaky ReLU, slope 0.01).
 * The final upsampling to the input size is part of the model (SCHP upsamples in the loss).
 
-Input sides must be multiples of 2**depth (default 32); training and the engine read ``depth``.
+Input sides must be multiples of 32 (ResNet's five stride-2 steps; the family's input multiple in
+:mod:`kerasnuc.models.geometry`).
 """
 
 import keras
@@ -35,26 +36,26 @@ from keras import layers
 from kerasnuc.models._checks import check_input_shape, head_activation
 from kerasnuc.models.blocks import conv_bn_act, model_input
 from kerasnuc.models.psp import BilinearResizeLike, pyramid_pooling
-from kerasnuc.models.pspsegnet import ENCODER_DEPTH, check_depth
-from kerasnuc.models.resnet import check_resnet_options, parse_backbone, resnet_encoder
+from kerasnuc.models.pspsegnet import ENCODER_DEPTH
+from kerasnuc.models.resnet import (check_backbone_weights, check_resnet_options, load_resnet_weights,
+                                    parse_backbone, resnet_encoder)
 
 OUTPUT_STRIDE = 16
 
 
-def build_ce2p(input_shape=(None, None, 3), backbone="resnet101", width=64, depth=ENCODER_DEPTH,
-               dropout=0.1, out_channels=1, activation="auto", backbone_weights="", name="ce2p"):
+def build_ce2p(input_shape=(None, None, 3), backbone="resnet101", width=64, dropout=0.1, out_channels=1,
+               activation="auto", backbone_weights="", name="ce2p"):
     """CE2P / SCHP's network with one (fused) output; see the module docstring.
 
     ``backbone`` resnet101 (SCHP) or resnet50; ``width`` the ResNet base width (64 published, the
-    only one that takes ImageNet weights; the heads scale with it); ``depth``: input sides must be
-    multiples of 2**depth (default 5, at least 4 for output stride 16); ``dropout`` the fusion's
-    spatial dropout; ``backbone_weights`` a local ``keras.applications`` ResNet weights file
-    ("" = random initialisation).
+    only one that takes ImageNet weights; the heads scale with it); input sides multiples of 32;
+    ``dropout`` the fusion's spatial dropout; ``backbone_weights`` a local ``keras.applications``
+    ResNet weights file ("" = random initialisation).
     """
     resnet_depth = parse_backbone(backbone, "ce2p")
     check_resnet_options(resnet_depth, width, OUTPUT_STRIDE, family="ce2p")
-    check_depth(depth, OUTPUT_STRIDE, "ce2p")
-    check_input_shape(input_shape, depth, "ce2p")
+    check_input_shape(input_shape, ENCODER_DEPTH, "ce2p")
+    check_backbone_weights(backbone_weights, backbone, width, "ce2p")
     scale = lambda channels: max(1, channels * width // 64)  # noqa: E731
     inputs = model_input(input_shape)
     features = resnet_encoder(inputs, resnet_depth, width, OUTPUT_STRIDE)
@@ -86,10 +87,4 @@ def build_ce2p(input_shape=(None, None, 3), backbone="resnet101", width=64, dept
     logits = BilinearResizeLike(dtype="float32", name="fusion_up")([logits, inputs])
     outputs = layers.Activation(head_activation(out_channels, activation), dtype="float32",
                                 name="output")(logits)
-    model = keras.Model(inputs, outputs, name=name)
-    if backbone_weights:
-        from kerasnuc.models.backbones import load_backbone_weights
-        from kerasnuc.models.resnet import resnet_application
-
-        load_backbone_weights(model, backbone_weights, resnet_application(backbone, width))
-    return model
+    return load_resnet_weights(keras.Model(inputs, outputs, name=name), backbone_weights, backbone)

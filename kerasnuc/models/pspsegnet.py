@@ -20,9 +20,8 @@ what is chosen here:
   stem's channel count so the indices fit. No skip concatenation (SegNet has none).
 * Head: 1x1 conv in float32, sigmoid (one channel) or softmax.
 
-Input sides must be multiples of 2**depth, by default 32 (the stride of the undilated ResNet),
-so one tile size serves every output stride; training and the prediction engine read ``depth``
-as the input multiple (a smaller depth down to log2(output_stride) also works).
+Input sides must be multiples of 32 (the stride of the undilated ResNet, the family's input
+multiple in :mod:`kerasnuc.models.geometry`), so one tile size serves every output stride.
 """
 
 import keras
@@ -31,19 +30,14 @@ from kerasnuc.models._checks import check_input_shape, head_activation
 from kerasnuc.models.blocks import conv_bn_act, model_input, output_head
 from kerasnuc.models.layers import MaxUnpoolingWithIndices
 from kerasnuc.models.psp import BilinearResizeLike, pyramid_pooling
-from kerasnuc.models.resnet import IMAGENET_WIDTH, check_resnet_options, parse_backbone, resnet_encoder
+from kerasnuc.models.resnet import (IMAGENET_WIDTH, check_backbone_weights, check_resnet_options,
+                                    load_resnet_weights, parse_backbone, resnet_encoder)
 
 ENCODER_DEPTH = 5
-"""2x down-samplings of an undilated ResNet (stem conv, stem pool, conv3, conv4, conv5)."""
+"""2x down-samplings of an undilated ResNet (stem conv, stem pool, conv3, conv4, conv5): inputs
+are multiples of 2**5 = 32, as kerasnuc.models.geometry says."""
 DECODER_WIDTHS = {16: 512, 8: 512, 4: 256, 2: 128, 1: 64}
 """SegNet decoder width (at width 64) of the stage that ends at each stride."""
-
-
-def check_depth(depth, output_stride, family):
-    """``depth`` only sets the input multiple 2**depth; it must cover the output stride."""
-    if not isinstance(depth, int) or 2 ** depth < output_stride:
-        raise ValueError(f"{family}: depth {depth} gives an input multiple 2**depth below output_stride "
-                         f"{output_stride}; use depth >= {output_stride.bit_length() - 1} (default 5)")
 
 
 def decoder_plan(output_stride, width, decoder_filters):
@@ -60,21 +54,20 @@ def decoder_plan(output_stride, width, decoder_filters):
 
 
 def build_pspsegnet(input_shape=(None, None, 3), backbone="resnet101", width=64, output_stride=8,
-                    decoder_filters=None, depth=ENCODER_DEPTH, out_channels=1, activation="auto",
+                    decoder_filters=None, out_channels=1, activation="auto",
                     backbone_weights="", name="pspsegnet"):
     """PSPSegNet (see the module docstring for every choice).
 
     ``backbone`` resnet101 (paper) or resnet50; ``width`` the ResNet base width (64 published,
     the only one that takes ImageNet weights); ``output_stride`` 8 (PSPNet), 16 or 32;
     ``decoder_filters`` widths of the decoder stages, deepest first (default SegNet's 512, 256,
-    128, 64 scaled by ``width`` / 64); ``depth``: input sides must be multiples of 2**depth
-    (default 5, ResNet's 32; at least log2(output_stride)), read by training and the engine;
+    128, 64 scaled by ``width`` / 64); input sides must be multiples of 32;
     ``backbone_weights`` a local ``keras.applications`` ResNet weights file ("" = random init).
     """
     resnet_depth = parse_backbone(backbone, "pspsegnet")
     check_resnet_options(resnet_depth, width, output_stride, family="pspsegnet")
-    check_depth(depth, output_stride, "pspsegnet")
-    check_input_shape(input_shape, depth, "pspsegnet")
+    check_input_shape(input_shape, ENCODER_DEPTH, "pspsegnet")
+    check_backbone_weights(backbone_weights, backbone, width, "pspsegnet")
     widths = decoder_plan(output_stride, width, decoder_filters)
     inputs = model_input(input_shape)
     features = resnet_encoder(inputs, resnet_depth, width, output_stride, stem_pool="indices")
@@ -94,10 +87,4 @@ def build_pspsegnet(input_shape=(None, None, 3), backbone="resnet101", width=64,
         # the stage ending at stride 4 feeds the unpooling: it must have the stem's channels
         x = conv_bn_act(x, width if stride == 4 else filters, f"{stage_name}_b")
     outputs = output_head(x, out_channels, head_activation(out_channels, activation))
-    model = keras.Model(inputs, outputs, name=name)
-    if backbone_weights:
-        from kerasnuc.models.backbones import load_backbone_weights
-        from kerasnuc.models.resnet import resnet_application
-
-        load_backbone_weights(model, backbone_weights, resnet_application(backbone, width))
-    return model
+    return load_resnet_weights(keras.Model(inputs, outputs, name=name), backbone_weights, backbone)

@@ -13,8 +13,11 @@ stride 1 and every 3x3 conv of it and of the later stages a dilation of 2, then 
 (output_stride 8: conv4 dilation 2, conv5 dilation 4; 16: conv5 dilation 2).
 """
 
+import os
+
 from keras import layers
 
+from kerasnuc.models.backbones import BackboneWeightsError, load_backbone_weights
 from kerasnuc.models.blocks import BN_MOMENTUM
 from kerasnuc.models.layers import MaxPoolingWithIndices
 
@@ -110,9 +113,19 @@ def resnet_encoder(inputs, depth=101, width=IMAGENET_WIDTH, output_stride=32, st
     return features
 
 
-def resnet_application(backbone, width):
-    """Name of the keras.applications model whose ImageNet weights fit, or a clear error."""
+def check_backbone_weights(path, backbone, width, family):
+    """Before building: ImageNet weights need the published width and an existing file."""
+    if not path:
+        return
     if width != IMAGENET_WIDTH:
-        raise ValueError(f"backbone_weights: ImageNet weights exist only for width {IMAGENET_WIDTH} "
-                         f"(the published {backbone}); got width {width}")
-    return backbone
+        raise ValueError(f"{family}: backbone_weights {path}: ImageNet weights exist only for width "
+                         f"{IMAGENET_WIDTH} (the published {backbone}), got width {width}")
+    if not os.path.isfile(path):
+        raise BackboneWeightsError(f"{path}: backbone weights file not found")
+
+
+def load_resnet_weights(model, path, backbone):
+    """Copy a local keras.applications ResNet weights file into ``model`` by layer name."""
+    if path:
+        load_backbone_weights(model, path, backbone)
+    return model
