@@ -135,8 +135,8 @@ def reestimate_batchnorm(model, batches):
         return 0
     momenta = [layer.momentum for layer in norms]
     for layer in norms:
-        layer.moving_mean.assign(keras.ops.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(keras.ops.ones_like(layer.moving_variance))
+        layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, "float32"))
+        layer.moving_variance.assign(np.ones(layer.moving_variance.shape, "float32"))
     count = 0
     try:
         for count, x in enumerate(batches, start=1):
