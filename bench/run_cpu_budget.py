@@ -22,7 +22,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ORDER = ("unet_dsb2018_5fold", "r2unet_dsb2018_5fold", "udnet_crchisto", "dcrn_crchisto",
-         "densenet_crchisto", "unet_monuseg", "segnet_monuseg")
+         "densenet_crchisto", "unet_monuseg", "segnet_monuseg", "fcn8_monuseg", "fc_densenet_monuseg",
+         "pspsegnet_monuseg", "ce2p_monuseg", "bayesnuseg_monuseg")
 
 
 def main():
@@ -54,7 +55,9 @@ def main():
         print(f"    {time.time() - started:.0f}s  {summary}", flush=True)
     finished = [os.path.join(args.out, n) for n in names if os.path.isfile(os.path.join(args.out, n, "metrics.json"))]
     if finished:
-        subprocess.check_call([sys.executable, os.path.join(HERE, "reproduce.py"), *finished], cwd=ROOT)
+        # with --only, the rows of the other recipes' earlier runs stay in the table (reproduce.py --keep)
+        keep = ["--keep"] if args.only else []
+        subprocess.check_call([sys.executable, os.path.join(HERE, "reproduce.py"), *finished, *keep], cwd=ROOT)
     print(f"done: {len(finished)} finished runs in {os.path.relpath(args.out, ROOT)}; table bench/results/reproduce.md"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
