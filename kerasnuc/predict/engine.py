@@ -15,7 +15,7 @@ global and the full-size float map never exists.
 import numpy as np
 
 from kerasnuc.intensity import intensity_range, normalize_with_range
-from kerasnuc.predict.postprocess import instances, points_from_maps
+from kerasnuc.predict.postprocess import instances, points_from_maps, uncertainty
 from kerasnuc.predict.tiling import TilePlan, fitting_margin, pad_to_tile, patches_at
 
 
@@ -303,7 +303,12 @@ class Predictor:
     def plan_view(self, index, source, skip_glass=True):
         """The blocks of one view (a view, an array, or a callable that opens one), as
         :class:`BlockResult` objects with ``core``, ``box``, the view's intensity ranges and ``glass``
-        set: what a block needs to be predicted anywhere (here or on a Dask worker)."""
+        set: what a block needs to be predicted anywhere (here or on a Dask worker).
+
+        Planned at once (a view that cannot be opened fails here), handed out by an iterator
+        that keeps no block it has handed out: a finished block's pixels, labels and outlines
+        are freed as soon as its consumer lets go, not held until the view ends (256 blocks of
+        a 32k slide)."""
         view = as_view(source() if callable(source) else source)
         value_range = view.value_range(self.channels)
         # the classifier normalises with the whole view's range too
@@ -323,7 +328,7 @@ class Predictor:
             result.value_range, result.classifier_range = value_range, classifier_range
             result.glass = tissue is not None and not _has_tissue(tissue, core)
             blocks.append(result)
-        return blocks
+        return _handed_out(blocks)
 
     def predict_block(self, result, tile=None, margin=None, samples=None):
         """Read a planned block's pixels (its box) and run the network on them: sets ``crop``,
@@ -352,7 +357,8 @@ class Predictor:
         kept = np.zeros(int(local.max(initial=0)) + 1, bool)
         kept[keep] = True
         local = np.where(kept[local], local, 0)
-        measured = measure(local, item.crop, variance=item.variance, offset=(top, left), outlines=outlines)
+        variance = None if item.variance is None else uncertainty(item.variance, self.meta.get("postprocess"))
+        measured = measure(local, item.crop, variance=variance, offset=(top, left), outlines=outlines)
         table, rings = measured if outlines else (measured, None)
         if self.classifier is not None and len(table["label"]):
             _add_classes(table, self.classifier, item.crop, (top, left), item.classifier_range)
@@ -460,6 +466,13 @@ def prefetch(iterable, depth=2):
             yield item
     finally:
         stop.set()
+
+
+def _handed_out(items):
+    """Iterate a list, dropping the list's reference to each item as it is handed out."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 class _Raised:

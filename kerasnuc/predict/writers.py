@@ -39,7 +39,7 @@ def write_labels(path, labels):
 
         def write(tmp):
             big = labels.size > 4096 * 4096
-            tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib",
+            tifffile.imwrite(tmp, np.asarray(labels, np.uint32), compression="zlib",
                              tile=(256, 256) if min(labels.shape) >= 256 else None, bigtiff=big)
         return _atomic(path, write)
     import cv2
@@ -240,7 +240,7 @@ class LabelsWriter:
         try:
             if not self.large:
                 return write_labels(self.path, self.array)
-            return _atomic(self.path, lambda tmp: write_pyramid(tmp, self.array, self.mpp))
+            return _atomic(self.path, lambda tmp: write_pyramid(tmp, self.array, self.mpp, scratch=self.store))
         finally:
             self._cleanup()
 
@@ -255,30 +255,71 @@ class LabelsWriter:
             self.store = None
 
 
-def write_pyramid(path, array, mpp=None, tile=256, min_side=1024):
-    """A uint32 (H, W) array (NumPy or zarr) as a tiled, zlib, pyramidal OME-TIFF, tile by tile."""
+def write_pyramid(path, array, mpp=None, tile=256, min_side=1024, scratch=None):
+    """A uint32 (H, W) array (NumPy or zarr) as a tiled, zlib, pyramidal OME-TIFF, in bands of
+    ``tile`` rows.
+
+    Each coarser level is every second row and column of the level above it (the same pixels
+    as striding level 0 by the level's factor: nearest neighbour), written band by band to a
+    raw file in ``scratch`` (a folder; default a temporary one beside ``path``) while the level
+    above is written, and read back band by band: memory is one band of the widest level, not
+    a level-0 region that grows with the coarsest level's factor.
+    """
+    import contextlib
+    import shutil
+    import tempfile
+
     import tifffile
 
     height, width = array.shape
     factors = [1]
     while max(height, width) // (factors[-1] * 2) >= min_side:
         factors.append(factors[-1] * 2)
+    shapes = [(-(-height // f), -(-width // f)) for f in factors]  # level k+1: every 2nd pixel of level k
+    folder = scratch or tempfile.mkdtemp(prefix=".pyramid-", dir=os.path.dirname(os.path.abspath(path)))
+    files = [os.path.join(folder, f"level{level}.u32") for level in range(len(shapes))]
 
-    def tiles(step):
-        rows, cols = -(-height // step), -(-width // step)
-        for r in range(0, rows, tile):
-            for c in range(0, cols, tile):
-                block = np.asarray(array[r * step:min((r + tile) * step, height), c * step:min((c + tile) * step, width)])
-                yield np.ascontiguousarray(block[::step, ::step], dtype=np.uint32)
+    def tiles(level, coarser):
+        rows, cols = shapes[level]
+        source = open(files[level], "rb") if level else None
+        try:
+            for top in range(0, rows, tile):
+                count = min(tile, rows - top)
+                band = (np.asarray(array[top:top + count], dtype=np.uint32) if source is None
+                        else np.fromfile(source, np.uint32, count * cols).reshape(count, cols))
+                if coarser is not None:  # band tops are even: its even rows and columns are the next level's
+                    np.ascontiguousarray(band[::2, ::2]).tofile(coarser)
+                for left in range(0, cols, tile):
+                    yield np.ascontiguousarray(band[:, left:left + tile])
+        finally:
+            if source is not None:
+                source.close()
 
     metadata = {"axes": "YX"}
     if mpp:
         metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for level, step in enumerate(factors):
-            shape = (-(-height // step), -(-width // step))
-            options = dict(subifds=len(factors) - 1, metadata=metadata) if level == 0 else dict(subfiletype=1)
-            tif.write(tiles(step), shape=shape, dtype=np.uint32, tile=(tile, tile), compression="zlib", **options)
+    try:
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+            for level, shape in enumerate(shapes):
+                options = dict(subifds=len(shapes) - 1, metadata=metadata) if level == 0 else dict(subfiletype=1)
+                # tifffile stops after the last tile without exhausting the generator: files are
+                # closed here, not by the generator running out
+                with open(files[level + 1], "wb") if level + 1 < len(shapes) else contextlib.nullcontext() as coarser:
+                    generator = tiles(level, coarser)
+                    try:
+                        tif.write(generator, shape=shape, dtype=np.uint32, tile=(tile, tile),
+                                  compression="zlib", **options)
+                    finally:
+                        generator.close()
+                if level:
+                    os.remove(files[level])
+    finally:
+        if scratch is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for name in files[1:]:
+                if os.path.exists(name):
+                    os.remove(name)
 
 
 class OverlayWriter:
