@@ -118,6 +118,7 @@ def test_scheduler_joins_an_existing_cluster_whose_workers_load_the_model_once(t
     for worker, count in done.items():
         loads = after[worker].get("loads", 0) - before[worker].get("loads", 0)
         assert loads == (1 if count else 0), (worker, count, loads)  # once per worker, not per block
+        assert after[worker].get("measured", 0) == 0, worker  # the client's metadata, not probed again
 
 
 def open_on_the_client_only(path):

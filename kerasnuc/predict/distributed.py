@@ -80,8 +80,10 @@ class DaskPredictor:
     def __init__(self, source, scheduler=None, workers=None, client=None, **options):
         from kerasnuc.predict.engine import load
 
-        self.spec = (_absolute(source), {k: _absolute(v) if k == "classifier" else v for k, v in options.items()})
-        self.predictor = load(*self.spec[:1], **self.spec[1])
+        options = {k: _absolute(v) if k == "classifier" else v for k, v in options.items()}
+        self.predictor = load(_absolute(source), **options)
+        # workers take this process's metadata instead of deriving it again (receptive-field probe)
+        self.spec = (_absolute(source), {**options, "meta": self.predictor.runtime.meta})
         self.client, self.cluster, self._owned = client, None, client is None
         if client is None:
             self.client, self.cluster = connect(scheduler, workers)
@@ -230,6 +232,7 @@ def _predictor(spec):
 
             entry = _PREDICTORS[key] = (load(source, **options), threading.Lock())
             STATS["loads"] += 1
+            STATS["measured"] += int(getattr(entry[0].runtime, "measured", False))
     return entry
 
 

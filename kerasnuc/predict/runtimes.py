@@ -15,10 +15,14 @@ import numpy as np
 
 
 class KerasRuntime:
-    """A run folder's ``model.keras`` (Keras safe mode, uncompiled) with the run's metadata."""
+    """A run folder's ``model.keras`` (Keras safe mode, uncompiled) with the run's metadata.
+
+    ``meta`` given with ``run_dir``: the metadata another process already derived from the same
+    run (a Dask client for its workers), so the receptive field is not probed again."""
 
     def __init__(self, run_dir=None, measure=True, model=None, meta=None):
         self.static_shape = None
+        self.measured = False
         if model is not None:  # a model in memory (training, tests)
             self.path, self.model, self.meta = "<in memory>", model, dict(meta or {})
             return
@@ -27,7 +31,11 @@ class KerasRuntime:
         run = runs.read_run(run_dir)  # read once, passed on
         self.path = run.path
         self.model = runs.load_model(run)
-        self.meta = runs.run_metadata(run, self.model, measure=measure)
+        if meta is not None:
+            self.meta = dict(meta)
+        else:
+            self.meta = runs.run_metadata(run, self.model, measure=measure)
+            self.measured = bool(measure)
 
     def run(self, batch):
         batch = np.asarray(batch, np.float32)
@@ -100,10 +108,10 @@ def open_runtime(source, model_name=None, **options):
 
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: .tflite file not found")
-        return LiteModel(source, num_threads=options.get("num_threads"))
+        return LiteModel(source, meta=options.get("meta"), num_threads=options.get("num_threads"))
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "model.keras")) or os.path.exists(os.path.join(source, "config.json")):
-            return KerasRuntime(source, measure=options.get("measure", True))
+            return KerasRuntime(source, measure=options.get("measure", True), meta=options.get("meta"))
         raise ValueError(f"{source}: neither a training run folder (model.keras + config.json) nor a .tflite file")
     if ":" in source and model_name:
         return GrpcRuntime(source, model_name)
