@@ -8,6 +8,7 @@ IEND (OpenCV keeps 16-bit RGB); JPEG, BMP and the other formats Pillow knows by 
 ``load()``, which raises on missing data; TIFF by tifffile. All errors are :class:`DataError`.
 """
 
+import io
 import os
 
 import cv2
@@ -155,13 +156,15 @@ def _decode_tiff(path, what):
 
 
 def _decode_png(path, what):
+    with open(path, "rb") as handle:  # read once: verified by Pillow, decoded by OpenCV
+        data = handle.read()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.verify()  # every chunk present and its CRC right, up to IEND
     except Exception as error:
         raise DataError(f"{path}: corrupt or truncated PNG {what} ({error})") from None
     try:
-        array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as error:
         raise DataError(f"{path}: cannot decode PNG {what} ({str(error).strip().splitlines()[-1]})") from None
     if array is None:
