@@ -131,16 +131,11 @@ def tune_postprocess(maps, records, defaults, log):
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate (as :func:`training.segmentation.run_task`, with this family's
     target, loss and clustering)."""
-    import sys
-
     import keras
 
     from training import evaluate as scorer
     from training import plots
 
-    if getattr(config, "self_correction", 0):
-        sys.exit(f"training.fit: --self-correction refines probability labels; {config.model} trains on "
-                 "instance ids (not supported)")
     by_name = {r.name: r for r in records}
     train_records = [by_name[n] for n in split["train"]]
     val_records = [by_name[n] for n in split["val"]]
