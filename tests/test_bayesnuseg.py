@@ -236,7 +236,7 @@ def test_short_monuseg_training_is_scored_by_the_engine_with_instances(monuseg_r
         thresholds = json.load(handle)
     post = thresholds["postprocess"]
     assert post["method"] == "embedding" and post["offset_scale"] == 64.0 and thresholds["tuned_on"] == "val"
-    for key in ("dice", "iou", "aji", "pq", "ua_variance_pooled", "dice_pooled", "iou_pooled"):
+    for key in ("dice", "iou", "aji", "pq", "ua", "ua_variance_pooled", "dice_pooled", "iou_pooled"):
         assert 0.0 <= metrics["mean"][key] <= 1.0, key
     assert metrics["mc_samples"] == 2 and metrics["uncertainty"]["ua_variance_pooled"] is not None
     # the run folder predicts through the engine: instances, the seed map and its uncertainty

@@ -164,6 +164,8 @@ def run_task(config, run, records, split, log):
     for key in ("ua_variance_pooled", "ua_entropy_pooled"):
         if result.get("uncertainty", {}).get(key) is not None:
             summary[key] = float(result["uncertainty"][key])
+    if "ua_variance_pooled" in summary:  # BayesNuSeg's UA: from the predictive variance, all test pixels
+        summary["ua"] = summary["ua_variance_pooled"]
     run.write_json("metrics.json", {
         "split": "test", "images": len(test_records), **result, "mean": summary,
         "postprocess": params, "epochs": len(history.get("loss", [])),
@@ -178,5 +180,5 @@ def run_task(config, run, records, split, log):
     log(f"test ({len(test_records)} images): pixel F1 (Dice) {summary.get('dice', float('nan')):.3f}, "
         f"IoU {summary.get('iou', float('nan')):.3f}, AJI {summary.get('aji', float('nan')):.3f}, "
         f"PQ {summary.get('pq', float('nan')):.3f}"
-        + (f", UA {summary['ua_variance_pooled']:.3f}" if "ua_variance_pooled" in summary else ""))
+        + (f", UA {summary['ua']:.3f}" if "ua" in summary else ""))
     return summary
