@@ -134,6 +134,21 @@ def test_labels_after_a_cycle_are_the_blend_of_labels_and_prediction(sample_reco
         data.replace_targets([t[:10] for t in data.targets])
 
 
+def test_time_budget_counts_the_time_between_fit_calls():
+    from types import SimpleNamespace
+
+    from training.callbacks import TimeBudget
+
+    for elapsed, stops in ((50.0, False), (56.0, True)):  # 1 min budget, epochs of 5 s so far
+        budget = TimeBudget(1.0, log=lambda message: None)
+        budget.restore([5.0, 5.0], elapsed=elapsed)
+        budget.on_train_begin()  # a later fit call: the warm-up and the averaging stay spent
+        budget.set_model(SimpleNamespace(stop_training=False))
+        budget.on_epoch_begin(2)
+        budget.on_epoch_end(2)
+        assert budget.model.stop_training is stops and len(budget.durations) == 3
+
+
 def test_resume_and_distribute_are_refused_for_self_correction(tmp_path):
     with pytest.raises(ValueError, match="distribute"):
         resolve(overrides={"self_correction": 2, "distribute": "auto"})

@@ -36,17 +36,19 @@ class TimeBudget(keras.callbacks.Callback):
     def __init__(self, minutes, log=print):
         super().__init__()
         self.seconds, self.log = float(minutes) * 60.0, log
-        self._spent = []
+        self._spent, self._spent_seconds = [], 0.0
 
     def on_train_begin(self, logs=None):
-        self._start, self.durations = time.time() - sum(self._spent), list(self._spent)
+        self._start, self.durations = time.time() - self._spent_seconds, list(self._spent)
 
-    def restore(self, durations):
+    def restore(self, durations, elapsed=None):
         """Continue a budget: the epochs already trained (a resumed run's, or an earlier
-        ``fit`` call's, as Self-Correction's phases are) count as spent."""
+        ``fit`` call's, as Self-Correction's phases are) count as spent, and so do ``elapsed``
+        seconds in all when given (default: the epochs' own time)."""
         self._spent = list(durations)
+        self._spent_seconds = sum(self._spent) if elapsed is None else float(elapsed)
         self.durations = list(durations)
-        self._start = time.time() - sum(self.durations)
+        self._start = time.time() - self._spent_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.time()

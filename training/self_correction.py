@@ -191,8 +191,8 @@ class SelfCorrection:
         callbacks = [CyclicalSchedule(self.config, (self.train_data, self.val_data)),
                      keras.callbacks.CSVLogger(self.run.file("history.csv"), append=first > 0)]
         callbacks += [EpochProgress(self.total_epochs, self.log)] + ([self.budget] if self.budget else [])
-        if self.budget is not None and first > 0:
-            self.budget.restore(self.budget.durations)  # the warm-up and earlier cycles count as spent
+        if self.budget is not None and first > 0:  # the warm-up, earlier cycles and their averaging count
+            self.budget.restore(self.budget.durations, elapsed=time.time() - self._began)
         self.model.fit(local_batches(self.train_data), validation_data=local_batches(self.val_data),
                        epochs=last, initial_epoch=first, callbacks=callbacks, verbose=0, shuffle=False)
         return bool(self.model.stop_training)
@@ -214,6 +214,7 @@ class SelfCorrection:
         from training.segmentation import compile_model, predict_maps
 
         config, E = self.config, self.config.self_correction_epochs
+        self._began = time.time()
         stopped = self._fit(0, config.epochs)
         self.average = WeightAverage(self.model, lambda model: compile_model(model, config))
         self._save()  # the warm-up's last model, the first of the average
