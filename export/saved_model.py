@@ -192,10 +192,9 @@ def next_version(model_dir):
 
 def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, log=None):
     """Export ``run_dir`` into ``base/<name>/<version>``; returns that path."""
-    import keras
-
     from export.deploy import write_deploy_files
-    from kerasnuc.runs import load_model, read_run, run_metadata, write_json_atomic
+    from kerasnuc.atomic import made_folders
+    from kerasnuc.runs import load_model, read_run, run_metadata
 
     log = log or (lambda message: print(message, flush=True))
     run = read_run(run_dir)  # read once, passed on
@@ -218,8 +217,21 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
     if version is not None and int(version) in versions(model_dir):
         raise ExportError(f"{model_dir}/{version} exists; versions are never overwritten "
                           f"(omit --version for {next_version(model_dir)})")
-    created = [folder for folder in (model_dir, os.path.abspath(base)) if not os.path.isdir(folder)]
-    os.makedirs(model_dir, exist_ok=True)
+    with made_folders(model_dir):  # a failed export removes the folders it made
+        final = _write_version(model, meta, model_dir, version)
+    write_deploy_files(os.path.abspath(base))
+    log(f"exported {meta['task']} model '{name}' version {os.path.basename(final)}: {final}")
+    log(f"signatures: {', '.join(signatures)}; input '{INPUT_KEY}' uint8 [batch, height, width, 1|3]")
+    return final
+
+
+def _write_version(model, meta, model_dir, version):
+    """Write the SavedModel in a staging folder of ``model_dir`` and rename it to its version
+    (the next free one unless ``version``); returns the version folder."""
+    import keras
+
+    from kerasnuc.runs import write_json_atomic
+
     staging = os.path.join(model_dir, f".incomplete-{uuid.uuid4().hex[:12]}")
     try:
         archive = keras.export.ExportArchive()
@@ -245,21 +257,8 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
             version = next_version(model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(created)
         raise
-    write_deploy_files(os.path.abspath(base))
-    log(f"exported {meta['task']} model '{name}' version {version}: {final}")
-    log(f"signatures: {', '.join(signatures)}; input '{INPUT_KEY}' uint8 [batch, height, width, 1|3]")
     return final
-
-
-def _remove_empty(folders):
-    """Remove the folders an export created (innermost first) if it left them empty."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except OSError:  # not empty (another export wrote there meanwhile) or already gone
-            pass
 
 
 def read_export_metadata(version_dir):

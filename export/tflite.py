@@ -507,6 +507,7 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     """
     import shutil
 
+    from kerasnuc.atomic import made_folders
     from kerasnuc.runs import load_model, read_run, run_metadata
 
     log = log or (lambda message: print(message, flush=True))
@@ -523,30 +524,21 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
     if not out.endswith(".tflite"):
         raise ValueError(f"--out must end in .tflite, got {out}")
     folder = os.path.dirname(os.path.abspath(out))
-    created = []
-    parent = folder
-    while not os.path.isdir(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    os.makedirs(folder, exist_ok=True)
-    staging = os.path.join(folder, f".incomplete-{os.path.basename(out)}-{os.getpid()}")
-    os.makedirs(staging)
-    try:
-        staged, report = _convert_and_report(model, meta, run_dir, quantize, os.path.join(staging, os.path.basename(out)),
-                                             out, static, calibration, calibration_outliers, repeats, threads,
-                                             max_images, evaluate_model, log)
-        base = os.path.splitext(out)[0]
-        for suffix in (".json", ".report.json", ".report.md", ".tflite"):  # the model last: complete when seen
-            os.replace(os.path.splitext(staged)[0] + suffix, base + suffix)
-        os.rmdir(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for path in created:  # innermost first
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-        raise
+    with made_folders(folder):  # a failed export removes the folders it made
+        staging = os.path.join(folder, f".incomplete-{os.path.basename(out)}-{os.getpid()}")
+        os.makedirs(staging)
+        try:
+            staged, report = _convert_and_report(model, meta, run_dir, quantize,
+                                                 os.path.join(staging, os.path.basename(out)), out, static,
+                                                 calibration, calibration_outliers, repeats, threads, max_images,
+                                                 evaluate_model, log)
+            base = os.path.splitext(out)[0]
+            for suffix in (".json", ".report.json", ".report.md", ".tflite"):  # the model last: complete when seen
+                os.replace(os.path.splitext(staged)[0] + suffix, base + suffix)
+            os.rmdir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     log(f"wrote {out} ({report['megabytes']} MB, {quantize}); metadata {base}.json; report {base}.report.md")
     if evaluate_model:
         s = report["agreement"]["summary"]

@@ -10,7 +10,7 @@ OpenCV choose the format from it.
 import contextlib
 import os
 
-__all__ = ["atomic_path", "temporary_name", "write_text_atomic"]
+__all__ = ["atomic_path", "made_folders", "temporary_name", "write_text_atomic"]
 
 
 def temporary_name(path):
@@ -42,3 +42,23 @@ def write_text_atomic(path, text, newline=None):
                 handle.write(text)
             else:
                 handle.writelines(text)
+
+
+@contextlib.contextmanager
+def made_folders(folder):
+    """``os.makedirs(folder)``; if the block then fails, the folders this call created are
+    removed again (innermost first) where still empty, so a failed export leaves no trace."""
+    created, parent = [], os.path.abspath(folder)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (another job wrote there meanwhile) or already gone
+                pass
+        raise

@@ -143,10 +143,15 @@ class Run:
     split: dict
     thresholds: dict
     stain: dict
+    given: str = ""  # the path as the user gave it: messages name files the way they were asked for
 
     @property
     def task(self):  # noqa: D401
         return self.config.get("task", "segmentation")
+
+    def shown(self, name=""):
+        """``name`` inside the run folder, as the user spelled the folder."""
+        return os.path.join(self.given or self.path, name) if name else (self.given or self.path)
 
 
 def read_run(run_dir):
@@ -197,7 +202,7 @@ def read_run(run_dir):
     stain = read_json_object(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
     if config.get("stain") and not stain:
         raise RunError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
-    return Run(path, config, split, thresholds, stain)
+    return Run(path, config, split, thresholds, stain, os.fspath(run_dir))
 
 
 def find_config(run_dir):
@@ -223,11 +228,11 @@ def load_model(run_dir, check=True):
     (:func:`kerasnuc.model_checks.check_keras_model`): exports and the engine never serve a
     model as something it is not. Errors are :class:`RunError` (one line naming the file)."""
     run = read_run(run_dir)
-    model = read_keras_file(os.path.join(run.path, "model.keras"))
+    model = read_keras_file(run.shown("model.keras"))
     if check:
         from kerasnuc.model_checks import check_keras_model
 
-        check_keras_model(model, run.config, run.path,
+        check_keras_model(model, run.config, run.shown(),
                           recorded_class_names(run.config, run.path) if run.task == "classification" else (),
                           multiple=model_multiple(run.config))
     return model

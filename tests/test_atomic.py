@@ -29,3 +29,17 @@ def test_lines_and_text_write_the_same(tmp_path):
     write_text_atomic(tmp_path / "a.csv", "x,y\n1,2\n")
     write_text_atomic(tmp_path / "b.csv", ["x,y\n", "1,2\n"])
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_made_folders_removes_what_it_made_when_the_block_fails(tmp_path):
+    from kerasnuc.atomic import made_folders
+
+    (tmp_path / "base").mkdir()
+    with pytest.raises(ValueError):
+        with made_folders(tmp_path / "base" / "a" / "b") as folder:
+            assert os.path.isdir(folder)
+            raise ValueError("export failed")
+    assert os.listdir(tmp_path / "base") == []  # a and b gone, base (there before) kept
+    with made_folders(tmp_path / "base" / "a" / "b"):
+        (tmp_path / "base" / "a" / "b" / "model.tflite").write_bytes(b"1")
+    assert os.listdir(tmp_path / "base" / "a" / "b") == ["model.tflite"]
