@@ -29,7 +29,7 @@ def plot_history(history, path):
     plt = pyplot(path)
     if plt is None:
         return
-    names = [k for k in history if not k.startswith("val_") and k not in ("epoch", "learning_rate")]
+    names = [k for k in history if not k.startswith("val_") and k not in ("epoch", "learning_rate", "cycle")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         epochs = np.arange(1, len(history[name]) + 1)
