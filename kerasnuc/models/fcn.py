@@ -19,7 +19,7 @@ VGG16_WIDTHS = (1, 2, 4, 8, 8)  # x filters
 
 
 def build_fcn8(input_shape=(None, None, 3), filters=64, fc_filters=4096, out_channels=1,
-               activation="auto", backbone_weights="", depth=5, name="fcn8"):
+               activation="auto", backbone_weights="", name="fcn8"):
     """FCN-8s: VGG-16 (``filters`` x (1, 2, 4, 8, 8) wide; 64 is VGG-16), fc6 / fc7 as 7x7
     and 1x1 convolutions of ``fc_filters`` with dropout 0.5, score layers and the FCN-8s
     fusion of the pool4 and pool3 skips.
@@ -31,16 +31,15 @@ def build_fcn8(input_shape=(None, None, 3), filters=64, fc_filters=4096, out_cha
     ``upscore8`` (1/8 -> 1). The sigmoid / softmax is applied after up5 in float32.
 
     Deviations from the Caffe model, stated: "same" padding instead of the 100-pixel input
-    padding and crop layers, so sides must be multiples of 32 (``depth`` is 5, VGG-16's five
-    poolings, and is the only value: it tells training and prediction the input multiple).
+    padding and crop layers, so sides must be multiples of 32 (VGG-16's five poolings; the
+    family's input multiple in :mod:`kerasnuc.models.geometry`).
 
     ``backbone_weights``: path of a local ``keras.applications`` VGG16 weights file (the notop
     ``.h5`` or a ``.weights.h5``), loaded by layer name into the 13 encoder convolutions; needs
-    ``filters=64`` and 3 input channels. Empty (default): random initialisation.
+    ``filters=64`` and 3 input channels. Empty (default): random initialisation (He normal:
+    13 ReLU convolutions without BatchNorm barely move from Keras' Glorot default in a short run).
     """
-    if depth != 5:
-        raise ValueError(f"fcn8: depth must be 5 (VGG-16 has five pooling stages), got {depth}")
-    check_input_shape(input_shape, depth, "fcn8")
+    check_input_shape(input_shape, len(VGG16_CONVS), "fcn8")
     if backbone_weights and filters != 64:
         raise ValueError(f"fcn8: backbone_weights needs filters=64 (VGG-16's widths), got filters={filters}")
     inputs = model_input(input_shape)
@@ -48,12 +47,13 @@ def build_fcn8(input_shape=(None, None, 3), filters=64, fc_filters=4096, out_cha
     for block, (convs, width) in enumerate(zip(VGG16_CONVS, VGG16_WIDTHS), start=1):
         for conv in range(1, convs + 1):
             x = layers.Conv2D(filters * width, 3, padding="same", activation="relu",
-                              name=f"block{block}_conv{conv}")(x)
+                              kernel_initializer="he_normal", name=f"block{block}_conv{conv}")(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
         pools.append(x)
-    x = layers.Conv2D(fc_filters, 7, padding="same", activation="relu", name="fc6")(x)
+    x = layers.Conv2D(fc_filters, 7, padding="same", activation="relu", kernel_initializer="he_normal",
+                      name="fc6")(x)
     x = layers.Dropout(0.5, name="drop6")(x)
-    x = layers.Conv2D(fc_filters, 1, activation="relu", name="fc7")(x)
+    x = layers.Conv2D(fc_filters, 1, activation="relu", kernel_initializer="he_normal", name="fc7")(x)
     x = layers.Dropout(0.5, name="drop7")(x)
     x = layers.Conv2D(out_channels, 1, name="score_fr")(x)
     for step, pool in enumerate((pools[3], pools[2]), start=1):  # pool4 (1/16), pool3 (1/8)
