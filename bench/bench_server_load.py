@@ -494,6 +494,7 @@ def main(argv=None):
         "rss_mb": {"at_start": round(rss_start, 1), "baseline_after_warmup": round(baseline, 1),
                    "peak": round(max(r for _, r in samples), 1) if samples else None,
                    "final_after_settle": round(final, 1), "final_minus_baseline": round(final - baseline, 1)},
+        "rss_steady": steady_state(samples, tallies["elapsed_s"]),
         "rss_samples": [(round(t, 1), round(r, 1)) for t, r in samples[::10]],
         "server_log": log[-40:],
     }
@@ -502,6 +503,27 @@ def main(argv=None):
         json.dump(result, handle, indent=2)
     write_markdown(os.path.join(args.out, f"{args.name}.md"), result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rss_samples", "server_log")}, indent=2))
+
+
+def steady_state(samples, elapsed):
+    """Is memory flat under load? The second half of the sending period (after the version
+    switch of the first half), split in two quarters: their median VmRSS, and the least-squares
+    slope over the half in MB per minute. A leak shows as a positive slope and a rising median."""
+    if len(samples) < 8:
+        return None
+    t = np.array([s[0] for s in samples])
+    rss = np.array([s[1] for s in samples])
+    start = t[0]
+    third, fourth, end = start + elapsed / 2, start + 3 * elapsed / 4, start + elapsed
+    half = (t >= third) & (t <= end)
+    early, late = (t >= third) & (t < fourth), (t >= fourth) & (t <= end)
+    if half.sum() < 4 or not early.any() or not late.any():
+        return None
+    slope = np.polyfit(t[half], rss[half], 1)[0] * 60
+    return {"window_s": [round(third - start, 1), round(end - start, 1)],
+            "median_early_mb": round(float(np.median(rss[early])), 1),
+            "median_late_mb": round(float(np.median(rss[late])), 1),
+            "slope_mb_per_min": round(float(slope), 1)}
 
 
 def write_markdown(path, r):
@@ -541,6 +563,12 @@ def write_markdown(path, r):
               f"{LARGE_SHAPE[1]} x {LARGE_SHAPE[2]} image ran): {r['working_mb_per_mpix']} MB per Mpix, so the "
               f"default budgets (4 Mpix per request, 16 Mpix in flight) bound this model's live request memory at "
               f"about {r['working_mb_per_mpix'] * 16 / 1000:.1f} GB.", ""]
+    steady = r.get("rss_steady")
+    if steady:
+        lines += [f"Steady state (second half of the load, {steady['window_s'][0]:.0f}-{steady['window_s'][1]:.0f} s, "
+                  f"after the version switch): median VmRSS {steady['median_early_mb']} MB in its first quarter, "
+                  f"{steady['median_late_mb']} MB in its last; least-squares slope {steady['slope_mb_per_min']:+} MB "
+                  "per minute.", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
