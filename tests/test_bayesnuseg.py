@@ -199,7 +199,7 @@ JAX_SCRIPT = textwrap.dedent(r'''
     x, y = data[0]
     model = models.build("bayesnuseg", filters=4, depth=3)
     model.compile(optimizer="adam", loss=get_loss("bayesnuseg", max_instances=32))
-    out = model.predict(x, verbose=0)
+    out = np.asarray(model(x))  # eager: one jit compile (the train step) is enough
     loss = model.train_on_batch(x, y)
     print(out.shape, float(np.asarray(loss).ravel()[0]))
 ''')
