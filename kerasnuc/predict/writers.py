@@ -204,22 +204,25 @@ def write_table_csv(path, table, mpp=None):
 class LabelsWriter:
     """Instance labels of a view, pasted block by block, written at ``close``.
 
-    Up to ``LARGE`` pixels they are held in memory and written by :func:`write_labels`;
-    beyond that (slides) they are pasted into a compressed zarr array on disk beside the
-    output and written as a tiled, pyramidal (nearest-neighbour levels) uint32 OME-TIFF,
-    tile by tile, so memory stays flat.
+    Up to ``LARGE`` pixels (4096 x 4096: 64 MB) they are held in memory and written by
+    :func:`write_labels`; beyond that (slides) they are pasted into a compressed zarr array on
+    disk beside the output and written as a tiled, pyramidal (nearest-neighbour levels) uint32
+    OME-TIFF, band by band, so memory stays flat (held in memory, an 8192 x 8192 label image
+    alone is 256 MB). A 16-bit PNG is written whole, so it is held in memory up to ``LARGEST_PNG``.
     """
 
-    LARGE = 8192 * 8192
+    LARGE = 4096 * 4096
+    LARGEST_PNG = 8192 * 8192
 
     def __init__(self, path, shape, mpp=None):
         self.path, self.shape, self.mpp = path, tuple(shape[:2]), mpp
-        self.large = self.shape[0] * self.shape[1] > self.LARGE
+        tiff = path.lower().endswith((".tif", ".tiff"))
+        self.large = self.shape[0] * self.shape[1] > (self.LARGE if tiff else self.LARGEST_PNG)
         self.store = None
         if not self.large:
             self.array = np.zeros(self.shape, np.uint32)
             return
-        if not path.lower().endswith((".tif", ".tiff")):
+        if not tiff:
             raise ValueError(f"{path}: a {self.shape[1]} x {self.shape[0]} label image needs .tif (OME-TIFF)")
         import tempfile
 
