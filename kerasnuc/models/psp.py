@@ -17,12 +17,16 @@ PSP_BINS = (1, 2, 3, 6)
 
 
 def _apply_separable(x, rows, cols):
-    """``rows`` (P, H) and ``cols`` (Q, W) applied to x (N, H, W, C) -> (N, P, Q, C)."""
-    x = ops.transpose(x, (0, 3, 2, 1))            # N, C, W, H
-    x = ops.matmul(x, ops.transpose(rows))        # N, C, W, P
-    x = ops.transpose(x, (0, 1, 3, 2))            # N, C, P, W
-    x = ops.matmul(x, ops.transpose(cols))        # N, C, P, Q
-    return ops.transpose(x, (0, 2, 3, 1))         # N, P, Q, C
+    """``rows`` (P, H) and ``cols`` (Q, W) applied to x (N, H, W, C) -> (N, P, Q, C).
+
+    The matrices get two leading unit axes: a rank-4 x rank-4 matmul is TF's BatchMatMulV2
+    (LiteRT's broadcasting BATCH_MATMUL); with a rank-2 matrix Keras emits a tensordot whose
+    reshape has two unknown sizes, which LiteRT cannot convert."""
+    x = ops.transpose(x, (0, 3, 2, 1))                            # N, C, W, H
+    x = ops.matmul(x, ops.transpose(rows)[None, None])            # N, C, W, P
+    x = ops.transpose(x, (0, 1, 3, 2))                            # N, C, P, W
+    x = ops.matmul(x, ops.transpose(cols)[None, None])            # N, C, P, Q
+    return ops.transpose(x, (0, 2, 3, 1))                         # N, P, Q, C
 
 
 def adaptive_pool_matrix(size, bins, dtype="float32"):
