@@ -1,6 +1,6 @@
 """End-to-end prediction speed and peak memory of the engine (kerasnuc.predict), written to files.
 
-    python3 bench/bench_predict.py RUN [--sizes 4096,16384] [--images 65] [--out bench/results]
+    python3 bench/bench_predict.py RUN [--sizes 4096,16384 | --sizes 4096 8192] [--images 65] [--out bench/results]
                                        [--stardist runs/stardist_dsb]
 
 1. The DSB 2018 stage1_test images: the network alone (``predict_maps`` on every image), then
@@ -11,7 +11,9 @@
    pyramidal JPEG TIFF in a temporary folder (deleted afterwards, never stored), run through
    the command line (``python -m kerasnuc.predict``, all four formats, labels as a pyramidal
    OME-TIFF) in a process of its own: megapixels per second and that process's peak resident
-   memory.
+   memory (the CLI's model only: the timers are patched in without loading another), and the
+   growth of the peak from the smallest side to the largest against issue 14's target (a 32k
+   slide under 2 GB, less than 25 % more than at 4k).
 
 With ``--stardist MODEL`` (a StarDist 2D model folder trained by ``bench/stardist/bench_stardist.py
 train``), StarDist runs side by side in the same run, in its bench-only venv
@@ -40,14 +42,22 @@ sys.path.insert(0, ROOT)
 def timed_predictor(run, block=2048):
     """A Predictor whose runtime and post-processing add their seconds to ``timing``."""
     import kerasnuc
-    from kerasnuc.predict import engine
 
     predictor = kerasnuc.load(run, block=block)
-    timing = {"network": 0.0, "postprocess": 0.0, "post_stage": 0.0}
+    timing = timed_engine()
     predictor.runtime.run = timed(predictor.runtime.run, timing, "network")
+    return predictor, timing
+
+
+def timed_engine():
+    """The engine's post-processing (and its whole post stage) adding their seconds to the
+    returned ``timing``; no model is loaded (the mosaic process holds only the CLI's)."""
+    from kerasnuc.predict import engine
+
+    timing = {"network": 0.0, "postprocess": 0.0, "post_stage": 0.0}
     engine.instances = timed(engine.instances, timing, "postprocess")
     engine.Predictor._post_stage = timed(engine.Predictor._post_stage, timing, "post_stage")
-    return predictor, timing
+    return timing
 
 
 def timed(function, timing, key):
@@ -148,7 +158,7 @@ def one_mosaic(run, side, slide):
     with tempfile.TemporaryDirectory(prefix="bench-mosaic-") as folder:
         written = 0.0
         baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        _, timing = timed_predictor(run)  # patches the engine's post-processing timer
+        timing = timed_engine()
         load = engine.load
 
         def load_timed(*args, **kwargs):  # the CLI's predictor, with the network timer
@@ -231,16 +241,43 @@ def stardist_big(model, slide, side):
             "peak_rss_mb": out["peak_rss_mb"], "read_s": out.get("read_s"), "block": out.get("block_effective")}
 
 
+MEMORY_LIMIT_MB = 2000  # issue 14: a 32k x 32k slide under 2 GB
+MEMORY_GROWTH = 0.25  # ... growing less than 25 % from 4k to 32k
+
+
+def memory_verdict(mosaics):
+    """Peak memory against issue 14's target: the largest side under 2 GB, and the growth of the
+    peak from the smallest side to the largest under 25 %."""
+    first = min(mosaics, key=lambda m: m["side"])
+    last = max(mosaics, key=lambda m: m["side"])
+    growth = last["peak_rss_mb"] / first["peak_rss_mb"] - 1
+    return {"smallest_side": first["side"], "largest_side": last["side"], "growth": growth,
+            "largest_peak_mb": last["peak_rss_mb"], "under_limit": last["peak_rss_mb"] < MEMORY_LIMIT_MB,
+            "growth_ok": growth < MEMORY_GROWTH, "limit_mb": MEMORY_LIMIT_MB, "growth_limit": MEMORY_GROWTH}
+
+
+def memory_line(verdict):
+    v = verdict
+    growth = (f"{v['growth'] * 100:+.1f} % ({'under' if v['growth_ok'] else 'not under'} "
+              f"{v['growth_limit'] * 100:.0f} %)" if v["largest_side"] != v["smallest_side"] else "one size only")
+    return (f"Peak memory {v['smallest_side']} -> {v['largest_side']}: {growth}; at {v['largest_side']}: "
+            f"{v['largest_peak_mb']:.0f} MB ({'under' if v['under_limit'] else 'not under'} "
+            f"{v['limit_mb']} MB). Target (issue 14): a 32768 side under {v['limit_mb']} MB, growing less "
+            f"than {v['growth_limit'] * 100:.0f} % from 4096.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
-    parser.add_argument("--sizes", default="4096")
+    parser.add_argument("--sizes", nargs="+", default=["4096"],
+                        help="mosaic sides, comma- or space-separated (default 4096)")
     parser.add_argument("--images", type=int, default=65)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--stardist", help="StarDist 2D model folder to run side by side (bench-only venv)")
     parser.add_argument("--mosaic-only", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.sizes = ",".join(s for item in args.sizes for s in item.split(",") if s)
     if args.mosaic_only:
         print(json.dumps(one_mosaic(args.run, args.mosaic_only, args.slide)))
         return
@@ -306,10 +343,9 @@ def main(argv=None):
         for m, sd in zip(result["mosaics"], result["stardist_mosaics"]):
             lines.append(f"| {sd['side']} | {sd['nuclei']} | {sd['mp_per_s']:.2f} | {sd['seconds']:.1f} | "
                          f"{sd['peak_rss_mb']:.0f} | {m['mp_per_s'] / sd['mp_per_s']:.2f}x |")
-    if len(result["mosaics"]) > 1:
-        first, last = result["mosaics"][0], result["mosaics"][-1]
-        lines += ["", f"Peak memory {first['side']} -> {last['side']}: "
-                  f"{(last['peak_rss_mb'] / first['peak_rss_mb'] - 1) * 100:+.0f} %."]
+    if result["mosaics"]:
+        result["memory"] = memory_verdict(result["mosaics"])
+        lines += ["", memory_line(result["memory"])]
     with open(os.path.join(args.out, "predict.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {os.path.join(args.out, 'predict.md')} and predict.json")
