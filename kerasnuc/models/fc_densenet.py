@@ -19,24 +19,24 @@ VARIANTS = {
     67: ((5,) * 11, 16),
     56: ((4,) * 11, 12),
 }
+TRANSITIONS = 5  # transitions down (and up): sizes are multiples of 2**5
 
 
 def build_fc_densenet(input_shape=(None, None, 3), variant=103, growth_rate=None, first_filters=48,
-                      dropout=0.2, out_channels=1, activation="auto", layers_per_block=None, depth=5,
+                      dropout=0.2, out_channels=1, activation="auto", layers_per_block=None,
                       name="fc_densenet"):
-    """FC-DenseNet ``variant`` 103 (default; 9.4 M parameters), 67 (3.5 M) or 56 (1.5 M).
+    """FC-DenseNet ``variant`` 103 (default; 9.4 M parameters), 67 (3.5 M) or 56 (1.4 M; paper 1.5 M).
 
     ``growth_rate`` None: the variant's (16, 16, 12). ``layers_per_block`` overrides the
-    variant's layers for small budgets: one number for every block, ``depth + 1`` numbers
-    (down blocks and bottleneck; the up path mirrors them) or ``2 * depth + 1`` numbers.
-    ``depth`` is the number of transitions down (5 in the paper: input sides multiples of 32).
+    variant's layers for small budgets: one number for every block, 6 numbers (the five down
+    blocks and the bottleneck; the up path mirrors them) or all 11. Five transitions down, as
+    in the paper: input sides must be multiples of 32.
     Conv layers, counted as the paper counts them: first conv + dense layers + one per
     transition down and up + the final 1x1 classifier (103, 67, 56).
     """
     if variant not in VARIANTS:
         raise ValueError(f"fc_densenet: variant must be one of {sorted(VARIANTS)}, got {variant}")
-    if depth < 1:
-        raise ValueError(f"fc_densenet: depth must be at least 1, got {depth}")
+    depth = TRANSITIONS
     check_input_shape(input_shape, depth, "fc_densenet")
     counts = _block_layers(layers_per_block if layers_per_block is not None else VARIANTS[variant][0], depth)
     growth = growth_rate or VARIANTS[variant][1]
@@ -67,8 +67,8 @@ def _block_layers(layers_per_block, depth):
         if len(counts) == depth + 1:
             counts = counts + counts[-2::-1]
     if len(counts) != 2 * depth + 1 or min(counts) < 1:
-        raise ValueError(f"fc_densenet: layers_per_block must be a positive number or {depth + 1} or "
-                         f"{2 * depth + 1} positive numbers for depth {depth}, got {layers_per_block}")
+        raise ValueError(f"fc_densenet: layers_per_block must be a positive number, or {depth + 1} or "
+                         f"{2 * depth + 1} positive numbers, got {layers_per_block}")
     return counts
 
 
