@@ -32,8 +32,9 @@ def _apply_separable(x, rows, cols):
 def adaptive_pool_matrix(size, bins, dtype="float32"):
     """(bins, size) averaging matrix with PyTorch's AdaptiveAvgPool bin edges:
     bin i covers floor(i*size/bins) .. ceil((i+1)*size/bins) - 1 (bins overlap when size < bins)."""
+    # ``size`` stays as given (a Python int under JAX tracing, a scalar tensor in a TF graph):
+    # cast to an array, JAX could not use it as arange's static length inside jit
     index = ops.arange(bins, dtype="int32")[:, None]
-    size = ops.cast(size, "int32")
     start = ops.floor_divide(index * size, bins)
     end = ops.floor_divide((index + 1) * size + bins - 1, bins)
     position = ops.arange(size, dtype="int32")[None, :]
