@@ -31,7 +31,15 @@ def get_loss(name, **options):
         "mse": lambda: keras.losses.MeanSquaredError(),
         "categorical": lambda: keras.losses.SparseCategoricalCrossentropy(),
         "categorical_focal": lambda: keras.losses.CategoricalFocalCrossentropy(**options),
+        "bayesnuseg": lambda: _bayesnuseg_loss(**options),
     }
     if name not in factories:
         raise ValueError(f"unknown loss '{name}'; choose from {', '.join(sorted(factories))}")
     return factories[name]()
+
+
+def _bayesnuseg_loss(**options):
+    """BayesNuSeg's seed + embedding loss (:mod:`kerasnuc.losses_embedding`)."""
+    from kerasnuc.losses_embedding import BayesNuSegLoss
+
+    return BayesNuSegLoss(**options)

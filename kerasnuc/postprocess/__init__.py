@@ -3,10 +3,12 @@
 * :mod:`.instances`: probability (or background/inside/boundary softmax) -> labelled
   instances by marker-controlled watershed.
 * :mod:`.peaks`: density / proximity maps -> (x, y) nucleus centres.
+* :mod:`.embedding`: seed + pixel-embedding maps (BayesNuSeg) -> instances by sequential clustering.
 * :mod:`.tta`: dihedral test-time augmentation of maps and majority merging of instances.
 * :mod:`.ensemble`: pixel-wise mask logic ("a | (b & c)"), majority vote, mean probability.
 """
 
+from kerasnuc.postprocess.embedding import instances_from_embeddings, split_embedding_maps
 from kerasnuc.postprocess.ensemble import ensemble_masks, majority_vote, mean_probability
 from kerasnuc.postprocess.instances import instances_from_probability, remove_small_instances
 from kerasnuc.postprocess.peaks import centroids_from_density
@@ -23,6 +25,7 @@ __all__ = [
     "centroids_from_density",
     "dihedral_transform",
     "ensemble_masks",
+    "instances_from_embeddings",
     "instances_from_probability",
     "inverse_dihedral",
     "majority_vote",
@@ -30,4 +33,5 @@ __all__ = [
     "merge_instances_by_vote",
     "predict_tta",
     "remove_small_instances",
+    "split_embedding_maps",
 ]

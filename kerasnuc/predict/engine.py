@@ -15,7 +15,7 @@ global and the full-size float map never exists.
 import numpy as np
 
 from kerasnuc.intensity import intensity_range, normalize_with_range
-from kerasnuc.predict.postprocess import instances, points_from_maps, uncertainty
+from kerasnuc.predict.postprocess import instances, points_from_maps, uncertainty as uncertainty_map
 from kerasnuc.predict.tiling import TilePlan, fitting_margin, pad_to_tile, patches_at
 
 
@@ -357,7 +357,7 @@ class Predictor:
         kept = np.zeros(int(local.max(initial=0)) + 1, bool)
         kept[keep] = True
         local = np.where(kept[local], local, 0)
-        variance = None if item.variance is None else uncertainty(item.variance, self.meta.get("postprocess"))
+        variance = None if item.variance is None else uncertainty_map(item.variance, self.meta.get("postprocess"))
         measured = measure(local, item.crop, variance=variance, offset=(top, left), outlines=outlines)
         table, rings = measured if outlines else (measured, None)
         if self.classifier is not None and len(table["label"]):
