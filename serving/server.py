@@ -49,7 +49,6 @@ base runs the official image).
 """
 
 import argparse
-import ctypes
 import gc
 import os
 import signal
@@ -65,6 +64,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+
+from kerasnuc import allocator  # noqa: E402
 
 DEFAULT_SIGNATURE = "serving_default"
 MPIX = 1_000_000
@@ -355,41 +356,22 @@ class Gate:
             self._release(cost, ran)
 
 
-def _libc():
-    """glibc, or None elsewhere (then memory is left to the platform's allocator)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-
-
-M_MMAP_THRESHOLD = -3  # glibc malloc.h
-
-
 def tune_malloc(mmap_threshold_kb):
-    """Allocations of at least ``mmap_threshold_kb`` get their own mmap, returned to the OS when
-    freed. glibc's default threshold rises with every large free (up to 32 MB), after which image
-    tensors and request buffers stay in fragmented arenas: RSS keeps the high-water mark.
-    Returns whether it was applied."""
-    libc = _libc()
-    if libc is None or mmap_threshold_kb <= 0:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold_kb * 1024)))
+    """Allocations of at least ``mmap_threshold_kb`` get their own mmap (:mod:`kerasnuc.allocator`):
+    request buffers go back to the OS when freed. Returns whether it was applied."""
+    return allocator.mmap_large_allocations(int(mmap_threshold_kb * 1024))
 
 
 def _trim_memory_loop(gate, stop, check_seconds=1.0):
     """After requests came: collect garbage (an aborted request's message stays referenced from
     its exception's traceback until the cycle collector runs) and hand freed heap pages back to
     the OS (malloc_trim), when the server is idle and at least every TRIM_EVERY_SECONDS."""
-    libc = _libc()
     last = time.monotonic()
     while not stop.wait(check_seconds):
         if gate.dirty and (gate.idle or time.monotonic() - last >= TRIM_EVERY_SECONDS):
             gate.dirty = False
             gc.collect()
-            if libc is not None:
-                libc.malloc_trim(ctypes.c_size_t(0))
+            allocator.trim()
             last = time.monotonic()
 
 

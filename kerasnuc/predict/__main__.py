@@ -96,24 +96,6 @@ class Outputs:
             writer.abort()
 
 
-MMAP_THRESHOLD = 1 << 20  # glibc's M_MMAP_THRESHOLD for the CLI (serving.server uses 1 MiB too)
-
-
-def mmap_large_allocations(threshold=MMAP_THRESHOLD):
-    """glibc only: allocations of at least ``threshold`` bytes get their own mmap, so the arrays
-    of a finished block go back to the OS when freed instead of staying cached in the
-    allocator's per-thread arenas, where the peak crept up block by block (an 8k slide:
-    1776 MB peak, 1602 MB with this). True if set; a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv=None):
     from kerasnuc.predict.writers import FORMATS
 
@@ -155,7 +137,9 @@ def main(argv=None):
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         parser.error(f"unknown --format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    mmap_large_allocations()
+    from kerasnuc.allocator import mmap_large_allocations
+
+    mmap_large_allocations()  # a finished block's arrays go back to the OS (8k slide: 1776 -> 1602 MB peak)
     from kerasnuc.predict import load
     if args.dask or args.scheduler or args.dask_workers is not None:
         from kerasnuc.predict.distributed import dask_loader
