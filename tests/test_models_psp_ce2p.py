@@ -177,9 +177,8 @@ INVOKE = textwrap.dedent(r'''
 
     interpreter = Interpreter(sys.argv[1])
     detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], (1, 64, 96, 3))
     interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], np.random.default_rng(0).integers(0, 255, (1, 64, 96, 3), np.uint8))
+    interpreter.set_tensor(detail["index"], np.random.default_rng(0).integers(0, 255, (1, 128, 128, 3), np.uint8))
     interpreter.invoke()
     print("OUTPUT", interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).shape)
 ''')
@@ -196,8 +195,9 @@ def test_export_saved_model_and_tflite_run_in_serving_edge(trained_runs, name, t
     root, runs = trained_runs
     version = saved_model.export_saved_model(runs[name], str(tmp_path / "serving"), **QUIET)
     assert os.path.exists(os.path.join(version, "saved_model.pb"))
+    # a fixed tile size: LiteRT cannot convert the pooling's tensordot at a dynamic size (psp.py)
     path, _ = tflite.export_tflite(runs[name], "float32", out=str(tmp_path / f"{name}.tflite"),
-                                   evaluate_model=False, **QUIET)
+                                   evaluate_model=False, input_size=128, **QUIET)
     split = json.load(open(os.path.join(runs[name], "split.json")))
     crop = cv2.imread(os.path.join(shared_data, "monuseg2018", "train", "images", split["test"][0] + ".png"))
     crop = crop[:200, :260]
@@ -214,12 +214,12 @@ def test_export_saved_model_and_tflite_run_in_serving_edge(trained_runs, name, t
     # int8 converts (uint8 I/O); running it is checked in a subprocess because LiteRT aborts
     # ("double free") on the trained PSPSegNet's int8 model (known, unresolved: see the report)
     int8, report = tflite.export_tflite(runs[name], "int8", out=str(tmp_path / f"{name}_int8.tflite"),
-                                        calibration=8, evaluate_model=False, **QUIET)
+                                        calibration=8, evaluate_model=False, input_size=128, **QUIET)
     assert report["io"]["input"]["dtype"] == "uint8" and report["io"]["output"]["dtype"] == "uint8"
     invoked = subprocess.run([sys.executable, "-c", INVOKE, int8], capture_output=True, text=True, timeout=300)
     if invoked.returncode != 0:
         pytest.xfail(f"LiteRT cannot run the int8 {name} model: {invoked.stderr.strip()[-200:]}")
-    assert "OUTPUT (1, 64, 96, 1)" in invoked.stdout
+    assert "OUTPUT (1, 128, 128, 1)" in invoked.stdout
 
 
 JAX_SCRIPT = textwrap.dedent(r'''

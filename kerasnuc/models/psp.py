@@ -4,8 +4,9 @@ The models are built with ``(None, None, C)`` inputs, so neither the adaptive po
 upsampling back to the feature map can be fixed layers. Both are separable linear maps whose
 matrices are computed from the run-time shape with ``keras.ops`` (integer bin edges, a hat
 function for bilinear weights) and applied with two matmuls. That runs on TensorFlow and JAX,
-in SavedModel, and in LiteRT (dynamic or fixed tile size; at a fixed size the converter folds the
-matrices into constants), int8 included: no gather, no slicing with run-time sizes.
+in SavedModel, and in LiteRT at a fixed tile size (the converter folds the matrices into
+constants): no gather, no slicing with run-time sizes. See :func:`_apply_separable` for the
+dynamic-size LiteRT limit.
 """
 
 import keras
@@ -19,14 +20,14 @@ PSP_BINS = (1, 2, 3, 6)
 def _apply_separable(x, rows, cols):
     """``rows`` (P, H) and ``cols`` (Q, W) applied to x (N, H, W, C) -> (N, P, Q, C).
 
-    The matrices get two leading unit axes: a rank-4 x rank-4 matmul is TF's BatchMatMulV2
-    (LiteRT's broadcasting BATCH_MATMUL); with a rank-2 matrix Keras emits a tensordot whose
-    reshape has two unknown sizes, which LiteRT cannot convert."""
-    x = ops.transpose(x, (0, 3, 2, 1))                            # N, C, W, H
-    x = ops.matmul(x, ops.transpose(rows)[None, None])            # N, C, W, P
-    x = ops.transpose(x, (0, 1, 3, 2))                            # N, C, P, W
-    x = ops.matmul(x, ops.transpose(cols)[None, None])            # N, C, P, Q
-    return ops.transpose(x, (0, 2, 3, 1))                         # N, P, Q, C
+    Rank-2 matrices (Keras emits a tensordot). Known limits: LiteRT cannot convert that tensordot
+    at a dynamic input size (a reshape with two unknown sizes; export with --input-size), and
+    the rank-4 broadcasting BatchMatMulV2 that converts made TF's CPU training segfault (CE2P)."""
+    x = ops.transpose(x, (0, 3, 2, 1))            # N, C, W, H
+    x = ops.matmul(x, ops.transpose(rows))        # N, C, W, P
+    x = ops.transpose(x, (0, 1, 3, 2))            # N, C, P, W
+    x = ops.matmul(x, ops.transpose(cols))        # N, C, P, Q
+    return ops.transpose(x, (0, 2, 3, 1))         # N, P, Q, C
 
 
 def adaptive_pool_matrix(size, bins, dtype="float32"):
