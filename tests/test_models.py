@@ -9,18 +9,46 @@ import keras
 
 from kerasnuc import models
 
-SEGMENTATION_LIKE = ["mc_unet", "r2unet", "segnet", "udnet", "unet"]
+SEGMENTATION_LIKE = ["bayesnuseg", "ce2p", "fc_densenet", "fcn8", "mc_unet", "pspsegnet", "r2unet", "segnet",
+                     "udnet", "unet"]
 CLASSIFIERS = ["dcrn", "densenet"]
 # Small widths keep the shared tests fast; the paper configurations are checked by count.
 SMALL = {"unet": {"filters": 4, "depth": 3}, "segnet": {"filters": 4, "depth": 3},
          "r2unet": {"filters": 4, "depth": 3}, "udnet": {"filters": 4, "depth": 3},
          "mc_unet": {"filters": 4, "depth": 3}, "dcrn": {"initial_filters": 8, "layers_per_block": 2},
-         "densenet": {"initial_filters": 8, "layers_per_block": 2}}
-PAPER_PARAMETERS = {"r2unet": 0.98e6, "udnet": 1.04e6, "dcrn": 1.22e6}
+         "densenet": {"initial_filters": 8, "layers_per_block": 2},
+         "fcn8": {"filters": 4, "fc_filters": 16},
+         "fc_densenet": {"layers_per_block": 2, "growth_rate": 4, "first_filters": 8},  # 5 poolings, as the paper
+         "pspsegnet": {"backbone": "resnet50", "width": 4},  # dilated ResNet-50, output stride 8
+         "ce2p": {"backbone": "resnet50", "width": 4},
+         "bayesnuseg": {"filters": 4, "depth": 3}}
+PAPER_PARAMETERS = {
+    "r2unet": 0.98e6, "udnet": 1.04e6, "dcrn": 1.22e6,
+    # Jegou et al. 2017: FC-DenseNet103 9.4 M.
+    "fc_densenet": 9.4e6,
+    # FCN-8s (Long et al.) with one output class: VGG-16 convs 14,714,688 + fc6 102,764,544 + fc7
+    # 16,781,312 + score layers 4,867 + deconvolutions 288 = 134,265,699.
+    "fcn8": 134.27e6,
+    # ResNet-101 (keras.applications, no top) 42,658,176 in both; with one output class PSPSegNet: PSP
+    # levels 4 x 1,050,624 + 3x3 bottleneck 4096 -> 512 18,876,416 + SegNet decoder (OS 8: 256/64,
+    # 128/128, 64/64 convs and head) 1,661,761 = 67,398,849. CE2P (SCHP's AugmentCE2P without the
+    # unused parsing/edge heads): PSP 4,202,496 + bottleneck 18,876,416 + parsing 289,984 + edge
+    # 461,824 + fusion 263,425 = 66,752,321.
+    "pspsegnet": 67.40e6, "ce2p": 66.75e6,
+    # BayesNuSeg at filters 32, depth 5, one class: encoder of five residual SELU blocks (32..512
+    # channels) 4,895,328 + two decoders (4 transposed-conv levels, two conv-BN-SELU units each)
+    # 2 x 3,921,120 + 1x1 heads (seed 33, offsets 66, sigma 33) 132 = 12,737,700. The paper does not
+    # state a count; this is the architecture its text describes.
+    "bayesnuseg": 12.74e6,
+}
+# output channels where a family's maps are not one probability: BayesNuSeg's [seed, o_y, o_x, sigma]
+OUTPUT_CHANNELS = {"bayesnuseg": 4}
 
 
-def test_registry_lists_the_seven_families():
-    assert models.available() == ["dcrn", "densenet", "mc_unet", "r2unet", "segnet", "udnet", "unet"]
+def test_registry_lists_the_twelve_families():
+    assert models.available() == ["bayesnuseg", "ce2p", "dcrn", "densenet", "fc_densenet", "fcn8", "mc_unet",
+                                  "pspsegnet", "r2unet", "segnet", "udnet", "unet"]
+    assert sorted(SEGMENTATION_LIKE + CLASSIFIERS) == models.available()  # every family is in the shared tests
 
 
 def test_unknown_name_is_a_clear_error():
@@ -28,13 +56,25 @@ def test_unknown_name_is_a_clear_error():
         models.build("vnet")
 
 
+def _sizes(name):
+    """Non-square sizes for the family's input multiple: 32x48 and 64x40 where they are multiples
+    of it (depth <= 3), else 1x3 and 2x1 multiples (32x96 and 64x32 for a multiple of 32)."""
+    from kerasnuc.models.geometry import input_multiple
+
+    multiple = input_multiple(name, SMALL[name])
+    sizes = [(32, 48), (64, 40)]
+    if any(side % multiple for size in sizes for side in size):
+        sizes = [(multiple, 3 * multiple), (2 * multiple, multiple)]
+    return sizes
+
+
 @pytest.mark.parametrize("name", SEGMENTATION_LIKE)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_dense_models_take_any_size_divisible_by_two_to_the_depth(name, channels):
     model = models.build(name, input_shape=(None, None, channels), **SMALL[name])
-    for height, width in [(32, 48), (64, 40)]:
+    for height, width in _sizes(name):
         out = model.predict(np.random.rand(2, height, width, channels).astype("float32"), verbose=0)
-        assert out.shape == (2, height, width, 1)
+        assert out.shape == (2, height, width, OUTPUT_CHANNELS.get(name, 1))
         assert out.dtype == np.float32
     if name != "udnet":
         assert 0.0 <= out.min() and out.max() <= 1.0

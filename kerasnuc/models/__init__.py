@@ -2,14 +2,22 @@
 
 >>> from kerasnuc import models
 >>> models.available()
-['dcrn', 'densenet', 'mc_unet', 'r2unet', 'segnet', 'udnet', 'unet']
+['bayesnuseg', 'ce2p', 'dcrn', 'densenet', 'fc_densenet', 'fcn8', 'mc_unet', 'pspsegnet', 'r2unet',
+ 'segnet', 'udnet', 'unet']
 >>> model = models.build("unet", input_shape=(None, None, 3), filters=16)
 """
 
 from kerasnuc import losses as _losses  # noqa: F401  (registers the losses a model.keras names)
+from kerasnuc import losses_embedding as _losses_embedding  # noqa: F401  (BayesNuSeg's loss)
+from kerasnuc.models.bayesnuseg import build_bayesnuseg
 from kerasnuc.models.dcrn import build_dcrn, build_densenet
+from kerasnuc.models.fc_densenet import build_fc_densenet
+from kerasnuc.models.fcn import build_fcn8
 from kerasnuc.models.layers import MaxPoolingWithIndices, MaxUnpoolingWithIndices, MCDropout
+from kerasnuc.models.ce2p import build_ce2p
 from kerasnuc.models.mc_unet import build_mc_unet
+from kerasnuc.models.psp import AdaptiveAveragePooling2D, BilinearResizeLike
+from kerasnuc.models.pspsegnet import build_pspsegnet
 from kerasnuc.models.r2unet import build_r2unet, build_udnet
 from kerasnuc.models.segnet import build_segnet
 from kerasnuc.models.unet import build_unet
@@ -23,6 +31,12 @@ _REGISTRY = {
     "dcrn": (build_dcrn, "classification", "Densely connected recurrent patch classifier"),
     "densenet": (build_densenet, "classification", "DenseNet patch classifier (DCRN baseline)"),
     "mc_unet": (build_mc_unet, "segmentation", "Encoder-decoder with Monte-Carlo dropout"),
+    "bayesnuseg": (build_bayesnuseg, "segmentation",
+                   "BayesNuSeg: MC-dropout encoder, seed + embedding decoders, instances by clustering"),
+    "pspsegnet": (build_pspsegnet, "segmentation", "Dilated ResNet-101 encoder, pyramid pooling, SegNet decoder"),
+    "ce2p": (build_ce2p, "segmentation", "CE2P (Self-Correction's net): ResNet-101, PSP, edge, fusion"),
+    "fcn8": (build_fcn8, "segmentation", "FCN-8s on a VGG-16 encoder (pool3/pool4 skip fusion)"),
+    "fc_densenet": (build_fc_densenet, "segmentation", "FC-DenseNet (Tiramisu) 103, 67 or 56"),
 }
 
 # Layers that must be known when a .keras file is loaded in safe mode.
@@ -30,6 +44,8 @@ CUSTOM_OBJECTS = {
     "kerasnuc>MaxPoolingWithIndices": MaxPoolingWithIndices,
     "kerasnuc>MaxUnpoolingWithIndices": MaxUnpoolingWithIndices,
     "kerasnuc>MCDropout": MCDropout,
+    "kerasnuc>AdaptiveAveragePooling2D": AdaptiveAveragePooling2D,
+    "kerasnuc>BilinearResizeLike": BilinearResizeLike,
 }
 
 
