@@ -15,6 +15,7 @@ import numpy as np
 
 from kerasnuc import models
 from kerasnuc.data.augment import Augmenter
+from kerasnuc.data.splits import records_of
 from kerasnuc.data.pipeline import ClassificationDataset, classified_points
 from kerasnuc.losses import get_loss
 from training import plots
@@ -142,10 +143,7 @@ def _float(value):
 def run_task(config, run, records, split, log):
     """Train, evaluate on the test images' patches; writes model.keras, history.csv,
     curves.png, metrics.json and confusion.png into ``run``."""
-    by_name = {r.name: r for r in records}
-    train_records = with_classes([by_name[n] for n in split["train"]])
-    val_records = with_classes([by_name[n] for n in split["val"]])
-    test_records = with_classes([by_name[n] for n in split["test"]])
+    train_records, val_records, test_records = (with_classes(side) for side in records_of(records, split))
     if not train_records or not test_records:
         raise ValueError("classification: the train and test images need classified nuclei")
     class_names = class_names_of(records)

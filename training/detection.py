@@ -18,6 +18,7 @@ import numpy as np
 
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
+from kerasnuc.data.splits import records_of
 from kerasnuc.data.pipeline import DetectionDataset, record_points
 from kerasnuc.runs import thresholds_record
 from kerasnuc.losses import get_loss
@@ -188,10 +189,7 @@ def save_detections(records, predictions, per_image, path):
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
     metrics.json and detections.png into ``run``."""
-    by_name = {r.name: r for r in records}
-    train_records = [by_name[n] for n in split["train"]]
-    val_records = [by_name[n] for n in split["val"]]
-    test_records = [by_name[n] for n in split["test"]]
+    train_records, val_records, test_records = records_of(records, split)
     if not test_records:
         raise ValueError("detection: no test images to evaluate on")
     loss = detection_loss(config, log)

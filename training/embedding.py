@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from kerasnuc import models
+from kerasnuc.data.splits import records_of
 from kerasnuc.data.pipeline import SegmentationDataset
 from kerasnuc.runs import thresholds_record
 
@@ -136,10 +137,7 @@ def run_task(config, run, records, split, log):
     from training import evaluate as scorer
     from training import plots
 
-    by_name = {r.name: r for r in records}
-    train_records = [by_name[n] for n in split["train"]]
-    val_records = [by_name[n] for n in split["val"]]
-    test_records = [by_name[n] for n in split["test"]]
+    train_records, val_records, test_records = records_of(records, split)
     started = time.time()
     history, depth = train(config, run, train_records, val_records, log)
     train_seconds = time.time() - started

@@ -9,6 +9,7 @@ import numpy as np
 
 from kerasnuc import metrics, models
 from kerasnuc.data.augment import Augmenter
+from kerasnuc.data.splits import records_of
 from kerasnuc.data.pipeline import SegmentationDataset
 from kerasnuc.losses import get_loss
 from kerasnuc.models.geometry import input_multiple
@@ -104,10 +105,7 @@ def run_task(config, run, records, split, log):
             sys.exit(f"training.fit: --self-correction refines map targets; model {config.model} trains on "
                      "instance ids (not supported)")
         return embedding.run_task(config, run, records, split, log)
-    by_name = {r.name: r for r in records}
-    train_records = [by_name[n] for n in split["train"]]
-    val_records = [by_name[n] for n in split["val"]]
-    test_records = [by_name[n] for n in split["test"]]
+    train_records, val_records, test_records = records_of(records, split)
     started = time.time()
     history, multiple = train(config, run, train_records, val_records, log)
     train_seconds = time.time() - started

@@ -249,10 +249,11 @@ def prepare_records(config, log):
     if config.folds >= 2:
         log(f"note: folds={config.folds} is kept in best_config.json, but the search uses one "
             "train/val split")
-    by_name = {r.name: r for r in records}
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
         f"{len(split['val'])} val (search), {len(split['test'])} test (not used)")
-    return [by_name[n] for n in split["train"]], [by_name[n] for n in split["val"]], split
+    from kerasnuc.data.splits import records_of
+
+    return (*records_of(records, split, ("train", "val")), split)
 
 
 def task_records(task, config, train_records, val_records):

@@ -13,7 +13,7 @@ import numpy as np
 
 from kerasnuc.atomic import write_text_atomic
 
-__all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "SIDES"]
+__all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "records_of", "SIDES"]
 
 SIDES = ("train", "val", "test")
 
@@ -103,6 +103,12 @@ def kfold_splits(names, k=5, seed=0, val_fraction=0.1, groups=None):
         splits.append({side: sorted(n for g in chosen for n in members[g])
                        for side, chosen in (("train", train), ("val", val), ("test", folds[i]))})
     return splits
+
+
+def records_of(records, split, sides=("train", "val", "test")):
+    """The records of each side of ``split`` (lists of names), in the split's order."""
+    by_name = {record.name: record for record in records}
+    return tuple([by_name[name] for name in split[side]] for side in sides)
 
 
 def _check_split(split, where):
