@@ -17,12 +17,12 @@ mixing ids), and become float32 only after renumbering.
 """
 
 import itertools
-import time
 
 import numpy as np
 
 from kerasnuc import models
 from kerasnuc.data.splits import records_of
+from kerasnuc.models.geometry import input_multiple
 from kerasnuc.data.pipeline import SegmentationDataset
 from kerasnuc.runs import thresholds_record
 
@@ -83,11 +83,11 @@ def train(config, run, train_records, val_records, log):
     from kerasnuc.data.augment import Augmenter
     from training.callbacks import fit_into_run
 
-    depth = config.model_config.get("depth", models.default_config(config.model).get("depth", 0))
+    multiple = input_multiple(config.model, config.model_config)
     if config.loss != config.model:
         log(f"loss: {config.model} trains with its own loss ('{config.model}'), not '{config.loss}'")
     model = build_model(config)
-    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {2 ** depth}, "
+    log(f"model {config.model}: {model.count_params():,} parameters, input multiple {multiple}, "
         f"output {model.output_shape[-1]} channels (seed..., offset_y, offset_x, sigma)")
     augmenter = Augmenter(**config.augment) if config.augment else None
     common = {"tile": config.tile, "batch_size": config.batch_size, "channels": config.channels}
@@ -100,7 +100,7 @@ def train(config, run, train_records, val_records, log):
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
     history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
-    return history, depth
+    return history, multiple
 
 
 def postprocess_defaults(config):
@@ -132,19 +132,14 @@ def tune_postprocess(maps, records, defaults, log):
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate (as :func:`training.segmentation.run_task`, with this family's
     target, loss and clustering)."""
-    import keras
-
     from training import evaluate as scorer
     from training import plots
+    from training.segmentation import train_and_reload
 
     train_records, val_records, test_records = records_of(records, split)
-    started = time.time()
-    history, depth = train(config, run, train_records, val_records, log)
-    train_seconds = time.time() - started
-    plots.plot_history(history, run.file("curves.png"))
-    model = keras.models.load_model(run.file("model.keras"))
+    history, multiple, model, train_seconds = train_and_reload(train, config, run, train_records, val_records, log)
     passes = config.mc_samples if models.is_stochastic(model) else 1
-    settings = scorer.Settings(channels=config.channels, multiple=2 ** depth, mc_samples=passes)
+    settings = scorer.Settings(channels=config.channels, multiple=multiple, mc_samples=passes)
     engine = scorer.engine_for(model, settings)
 
     params, val_score = postprocess_defaults(config), None

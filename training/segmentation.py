@@ -93,6 +93,16 @@ def tune_postprocess(probabilities, records, defaults, log):
     return best, best_score
 
 
+def train_and_reload(train_fn, config, run, train_records, val_records, log):
+    """Run ``train_fn`` (a task's ``train``), plot its curves and reload the saved best model:
+    (history, input multiple, model, training seconds)."""
+    started = time.time()
+    history, multiple = train_fn(config, run, train_records, val_records, log)
+    train_seconds = time.time() - started
+    plots.plot_history(history, run.file("curves.png"))
+    return history, multiple, keras.models.load_model(run.file("model.keras")), train_seconds
+
+
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
     metrics.json and overlay.png into ``run``."""
@@ -106,11 +116,7 @@ def run_task(config, run, records, split, log):
                      "instance ids (not supported)")
         return embedding.run_task(config, run, records, split, log)
     train_records, val_records, test_records = records_of(records, split)
-    started = time.time()
-    history, multiple = train(config, run, train_records, val_records, log)
-    train_seconds = time.time() - started
-    plots.plot_history(history, run.file("curves.png"))
-    model = keras.models.load_model(run.file("model.keras"))
+    history, multiple, model, train_seconds = train_and_reload(train, config, run, train_records, val_records, log)
 
     params = dict(config.postprocess)
     val_score = None
