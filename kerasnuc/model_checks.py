@@ -13,6 +13,8 @@ segmentation       per-pixel maps (N, H, W, K) with the input's H and W; values 
 detection          per-pixel density maps (N, H, W, K) with the input's H and W
 classification     (N, classes) class probabilities, classes = the run's class names
                    (when the run records them), rows summing to 1 (softmax)
+instance           (Mask R-CNN) one fixed-size input, three outputs: boxes (N, D, 4),
+                   scores (N, D) in [0, 1], masks (N, D, m, m) in [0, 1]
 model family       ``model.keras``'s model name, when it is a registered family, is the
                    config's ``model``; a dense task needs a dense family and vice versa
 =================  ===============================================================
@@ -74,6 +76,50 @@ def shape_problems(task, channels, input_shape, output_shape, num_classes=None, 
     return problems
 
 
+def instance_shape_problems(channels, input_shape, output_shapes, claimed_by="config"):
+    """What is wrong with an instance model's input and (boxes, scores, masks) output shapes
+    (a list of phrases, empty when they fit)."""
+    problems = []
+    inp = _shape(input_shape)
+    if len(inp) != 4:
+        problems.append(f"the model takes {_text(inp)} input, not images (N, H, W, C)")
+    else:
+        if channels is not None and inp[-1] is not None and inp[-1] != int(channels):
+            problems.append(f"{claimed_by} channels {channels} but the model takes {inp[-1]}-channel input")
+        if inp[1] is None or inp[2] is None:
+            problems.append(f"task 'instance' needs a fixed input size (the engine tiles to it), the model "
+                            f"takes {_text(inp)}")
+    shapes = [_shape(s) for s in output_shapes]
+    ranks = sorted(len(s) for s in shapes)
+    if ranks != [2, 3, 4]:
+        problems.append("task 'instance' needs three outputs boxes (N, D, 4), scores (N, D), masks (N, D, m, m), "
+                        f"the model outputs {', '.join(_text(s) for s in shapes)}")
+        return problems
+    boxes, scores, masks = sorted(shapes, key=lambda s: {3: 0, 2: 1, 4: 2}[len(s)])
+    if boxes[-1] not in (None, 4):
+        problems.append(f"boxes must be (N, D, 4) (y1, x1, y2, x2), got {_text(boxes)}")
+    counts = {s[1] for s in (boxes, scores, masks) if s[1] is not None}
+    if len(counts) > 1:
+        problems.append(f"boxes, scores and masks must have the same number of detections, got "
+                        f"{_text(boxes)}, {_text(scores)}, {_text(masks)}")
+    return problems
+
+
+def instance_value_problems(x, outs):
+    """What is wrong with an instance model's (boxes, scores, masks) on a probe batch ``x``."""
+    boxes, scores, masks = (np.asarray(o, np.float32) for o in outs)
+    if len(boxes) != len(x) or len(scores) != len(x) or len(masks) != len(x):
+        return [f"{len(x)} images in gave {len(boxes)}, {len(scores)}, {len(masks)} outputs"]
+    if not all(np.isfinite(o).all() for o in (boxes, scores, masks)):
+        return ["the model outputs NaN or infinite values"]
+    problems = []
+    for name, values in (("scores", scores), ("masks", masks)):
+        if values.size and (values.min() < -1e-5 or values.max() > 1 + 1e-5):
+            problems.append(f"task 'instance' needs {name} in [0, 1], the model outputs values in "
+                            f"[{values.min():.3g}, {values.max():.3g}]")
+    return problems
+
+
 def value_problems(task, x, out):
     """What is wrong with the output ``out`` of a probe batch ``x`` for ``task`` (list of phrases)."""
     out = np.asarray(out, np.float32)
@@ -106,7 +152,9 @@ def family_problems(task, config_model, model_name):
     families = models.available()
     if config_model in families:
         family_task = models.task_of(config_model)
-        if (family_task == "classification") != (task == "classification"):
+        if (family_task == "instance") != (task == "instance"):
+            problems.append(f"config model '{config_model}' is a {family_task} model, config task is '{task}'")
+        elif (family_task == "classification") != (task == "classification"):
             problems.append(f"config model '{config_model}' is a {family_task} model, config task is '{task}'")
     if config_model and model_name in families and model_name != config_model:
         problems.append(f"config model '{config_model}' but model.keras holds a '{model_name}'")
@@ -137,6 +185,9 @@ def check_keras_model(model, config, where, class_names=(), multiple=1):
 
     task = config.get("task", "segmentation")
     channels = config.get("channels")
+    if task == "instance":
+        _check_instance_model(model, config, where)
+        return
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         problems = [f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs, not one each"]
     else:
@@ -154,5 +205,30 @@ def check_keras_model(model, config, where, class_names=(), multiple=1):
             problems.append(f"the model fails on a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} input{sizes}: {detail}")
         else:
             problems += value_problems(task, x, out)
+    if problems:
+        raise ModelMismatch(f"{where}: model.keras does not match config.json: " + "; ".join(problems))
+
+
+def _check_instance_model(model, config, where):
+    """:func:`check_keras_model` for task 'instance': shapes, family, one probe image."""
+    import keras
+
+    channels = config.get("channels")
+    if len(model.inputs) != 1:
+        problems = [f"the model has {len(model.inputs)} inputs, not one"]
+    else:
+        problems = instance_shape_problems(channels, model.inputs[0].shape, [o.shape for o in model.outputs])
+    problems += family_problems("instance", config.get("model"), model.name)
+    if not problems:
+        shape = _shape(model.inputs[0].shape)
+        x = np.random.default_rng(0).random((1, shape[1], shape[2], shape[3])).astype(np.float32)
+        try:
+            outs = [keras.ops.convert_to_numpy(o) for o in model(x, training=False)]
+        except Exception as error:  # noqa: BLE001  (any failure here means the model does not fit)
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            problems.append(f"the model fails on a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} input: {detail}")
+        else:
+            order = sorted(range(len(outs)), key=lambda i: {3: 0, 2: 1, 4: 2}.get(outs[i].ndim, 3))
+            problems += instance_value_problems(x, [outs[i] for i in order])
     if problems:
         raise ModelMismatch(f"{where}: model.keras does not match config.json: " + "; ".join(problems))

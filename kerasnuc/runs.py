@@ -9,7 +9,7 @@ and written as ``<file>.json`` beside a ``.tflite``. Consumers (``serving.client
 ``serving.edge``) read these keys:
 
 =================  ===============================================================
-task               segmentation, detection or classification
+task               segmentation, detection, classification or instance (Mask R-CNN)
 channels           model input channels (images are converted: RGB <-> grey)
 multiple           spatial sizes must be multiples of this (2**depth); 1 for patches
 tile               side of the training crops
@@ -114,7 +114,7 @@ def read_json_object(path, default=_REQUIRED):
     return data
 
 
-TASKS = ("segmentation", "detection", "classification")
+TASKS = ("segmentation", "detection", "classification", "instance")
 
 
 def check_config(config, path):
@@ -195,7 +195,7 @@ def read_run(run_dir):
     thresholds = {}
     if os.path.isfile(thresholds_path):
         thresholds = read_json_object(thresholds_path)
-    elif config.get("task", "segmentation") in ("segmentation", "detection"):
+    elif config.get("task", "segmentation") in ("segmentation", "detection", "instance"):
         raise RunError(f"{path}: thresholds.json missing (the tuned post-processing of a "
                               f"{config.get('task', 'segmentation')} run)")
     stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
@@ -395,8 +395,11 @@ def run_metadata(run_dir, model=None, measure=True):
         "data": config.get("data"),
         # pixel size (µm) of the training images, so slides are read at the same scale
         "mpp": float(config.get("mpp") or 0.0) or None,
-        "output_channels": int(model.output_shape[-1]),
     }
+    if task == "instance":  # Mask R-CNN: fixed input, tiled to; detections, not maps
+        meta.update(instance_metadata(config, model))
+        return meta
+    meta["output_channels"] = int(model.output_shape[-1])
     if task == "classification":
         patch = int(model.input_shape[1] or meta["patch"])
         meta.update(multiple=1, patch=patch, serving_tile=patch, tile_margin=0, receptive_radius=None,
@@ -411,6 +414,23 @@ def run_metadata(run_dir, model=None, measure=True):
         meta.update(multiple=multiple, serving_tile=serving_tile, tile_margin=margin,
                     receptive_radius=radius, class_names=[])
     return meta
+
+
+INSTANCE_MARGIN = 64  # pixels of tile overlap on each side: room for a whole nucleus (MoNuSeg's reach ~40 px)
+
+
+def instance_metadata(config, model):
+    """The metadata keys of an instance model: its fixed ``input_size`` (the engine's tile),
+    the input multiple, ``tile_margin`` (``INSTANCE_MARGIN`` or the postprocess's), detections
+    and mask size; the receptive field of a detector is the whole tile, so it is not probed."""
+    multiple = model_multiple(config)
+    size = [int(side) for side in model.input_shape[1:3]]
+    margin = int((config.get("postprocess") or {}).get("tile_margin", INSTANCE_MARGIN))
+    margin = int(-(-margin // multiple) * multiple)
+    boxes, _, masks = sorted((tuple(o.shape) for o in model.outputs), key=lambda s: {3: 0, 2: 1, 4: 2}[len(s)])
+    return {"multiple": multiple, "input_size": size, "serving_tile": size[0], "tile_margin": margin,
+            "receptive_radius": None, "class_names": [], "max_detections": int(boxes[1]),
+            "mask_size": int(masks[-1]), "output_names": ["boxes", "scores", "masks"]}
 
 
 def _tf_version():

@@ -69,11 +69,12 @@ class TimeBudget(keras.callbacks.Callback):
 class BestModel(keras.callbacks.Callback):
     """Saves the model as ``path`` whenever ``monitor`` improves, through a temporary file
     so a kill during the write never leaves a broken model.keras (Keras' ModelCheckpoint
-    writes in place)."""
+    writes in place). ``save``: the model to write instead of the one being fitted (an
+    instance family fits a trainer around its inference model, which is what a run keeps)."""
 
-    def __init__(self, path, monitor="val_loss"):
+    def __init__(self, path, monitor="val_loss", save=None):
         super().__init__()
-        self.path, self.monitor, self.best = path, monitor, float("inf")
+        self.path, self.monitor, self.best, self.save = path, monitor, float("inf"), save
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -81,21 +82,22 @@ class BestModel(keras.callbacks.Callback):
             return
         self.best = float(value)
         tmp = f"{self.path[:-len('.keras')]}.tmp{os.getpid()}.keras"
-        self.model.save(tmp)
+        (self.save or self.model).save(tmp)
         os.replace(tmp, self.path)
 
 
-def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0):
+def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0, save=None):
     """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
     (by val_loss, or loss without validation data) saved as model.keras, one progress
     line per epoch, and the state ``--resume`` continues from (training/resume.py);
     ``time_budget`` (minutes, 0: none) stops early. A run folder that already holds a
     saved state continues from its last completed epoch. Returns the history dict of
-    every epoch (resumed ones included)."""
+    every epoch (resumed ones included). ``save``: the model written as model.keras when it
+    is not ``model`` itself (:class:`BestModel`)."""
     from training.resume import ResumableState, read_history, truncate_history
 
     monitor = "val_loss" if val_data is not None else "loss"
-    checkpoint = BestModel(run.file("model.keras"), monitor)
+    checkpoint = BestModel(run.file("model.keras"), monitor, save)
     budget = TimeBudget(time_budget, log) if time_budget else None
     state = ResumableState(run.path, (train_data, val_data), checkpoint, budget)
     done = state.epochs_done

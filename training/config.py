@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 # Written into a run's config.json beside the settings; ignored when the file is read back.
 PROVENANCE_KEYS = ("_comment", "precision_used", "kerasnuc_version", "keras_version", "backend", "machine",
                    "data_relocated_from")
-TASKS = ("segmentation", "detection", "classification")
+TASKS = ("segmentation", "detection", "classification", "instance")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -20,7 +20,7 @@ class FitConfig:
     """What ``python -m training.fit`` does; the defaults are the quick start."""
 
     task: str = "segmentation"
-    """segmentation, detection or classification."""
+    """segmentation, detection, classification or instance (Mask R-CNN: tile is the model's input size)."""
     model: str = "unet"
     """A name from ``kerasnuc.models.available()``."""
     model_config: dict = field(default_factory=lambda: {"filters": 8, "depth": 4})

@@ -171,12 +171,21 @@ class Settings:
         return 8 if self.tta else 1
 
 
-def engine_for(model, settings, patch=None):
+def engine_for(model, settings, patch=None, postprocess=None):
     """The prediction engine over an in-memory model: evaluation predicts as ``kerasnuc.predict``
-    does (one normalisation, TTA and Monte-Carlo loop), untiled on whole images."""
+    does (one normalisation, TTA and Monte-Carlo loop), untiled on whole images. An instance
+    model (boxes, scores, masks: Mask R-CNN) is tiled to its fixed input with the run's
+    ``postprocess`` (score and mask thresholds, ``tile_margin``)."""
     from kerasnuc.predict.engine import Predictor
     from kerasnuc.predict.runtimes import KerasRuntime
 
+    if len(model.outputs) == 3:
+        from kerasnuc.runs import INSTANCE_MARGIN
+
+        meta = {"task": "instance", "channels": settings.channels, "multiple": settings.multiple,
+                "tile_margin": int((postprocess or {}).get("tile_margin", INSTANCE_MARGIN)),
+                "postprocess": dict(postprocess or {})}
+        return Predictor(KerasRuntime(model=model, meta=meta))
     meta = {"channels": settings.channels, "multiple": settings.multiple, "patch": patch,
             "output_channels": int(model.output_shape[-1])}
     return Predictor(KerasRuntime(model=model, meta=meta), tta=settings.transforms)
@@ -191,6 +200,10 @@ def predict_record(model, record, settings, engine=None):
     stochastic passes (each with all its TTA views); "mean" is their mean, "variance" their variance.
     """
     engine = engine or engine_for(model, settings)
+    if engine.task == "instance":  # detections -> labels in the engine; the foreground is the labels'
+        labels = engine.predict_instances(record.image)[0]
+        mean = (labels > 0)[..., None].astype(np.float32)
+        return {"mean": mean, "variance": None, "views": None, "passes": mean[None], "labels": labels}
     out = engine.predict_passes(record.image, tile=0, samples=max(1, settings.mc_samples),
                                 keep_views=settings.tta and settings.tta_merge == "vote")
     if out["passes"] is None:
@@ -274,7 +287,9 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
     for record in records:
         maps = predict(record)
         mean = maps["mean"]
-        if maps.get("views") is not None:
+        if maps.get("labels") is not None:  # an instance model's engine gave the nuclei
+            predicted = maps["labels"]
+        elif maps.get("views") is not None:
             predicted = merge_instances_by_vote([instances_of(v, params) for v in maps["views"]],
                                                 iou_threshold=VOTE_IOU)
         else:
@@ -518,7 +533,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         f"{'TTA 8 views' + (' + vote' if tta_merge == 'vote' else '') if tta else 'no TTA'}, "
         f"{passes} pass{'es' if passes > 1 else ''}{' (MC dropout)' if stochastic else ''}")
 
-    engine = engine_for(model, settings)
+    engine = engine_for(model, settings, postprocess=postprocess_of(run.thresholds) if task == "instance" else None)
 
     def predict(record):
         return predict_record(model, record, settings, engine)
@@ -527,7 +542,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
                "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
                "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None,
                "input_policy": policy.to_dict(), "skip_bad": bool(skip_bad)}
-    if task == "segmentation":
+    if task in ("segmentation", "instance"):
         params = postprocess_of(run.thresholds)
         if not params:
             raise EvaluationError(f"{run.path}/thresholds.json: no 'postprocess' entry")

@@ -9,7 +9,9 @@ predicted with a context of ``block_overlap`` pixels around it (tiles inside it 
 margin of at least the receptive radius, and normalise with the whole image's intensity
 range), and a nucleus is kept by exactly one block: the one whose core holds its centroid,
 provided it does not touch the block's context border (where it may be cut). Ids are
-global and the full-size float map never exists.
+global and the full-size float map never exists. With ``multiple_inference`` (NucSeg) each
+block is predicted in 7 views whose instances vote (anchored on the original view's nuclei)
+before the responsibility rule decides which block keeps a nucleus.
 """
 
 import numpy as np
@@ -25,9 +27,14 @@ LOCAL_TILE = 1024
 class Predictor:
     """A model and its metadata, ready to turn images into maps, points and nuclei."""
 
-    def __init__(self, runtime, meta=None, batch_size=4, block=2048, block_overlap=None, tta=1, tile=None):
+    def __init__(self, runtime, meta=None, batch_size=4, block=2048, block_overlap=None, tta=1, tile=None,
+                 multiple_inference=False):
         self.runtime = runtime
         self.tta = tta
+        # NucSeg's multiple inference (kerasnuc.postprocess.multiple_inference): True, or a list of
+        # dihedral views; each view -> instances -> mapped back -> anchored pixel vote, per block
+        self.multiple_inference = multiple_inference
+        self.inference_views()  # a bad option fails here, not in the first block
         # tiles of a dynamic-shape runtime: large, so the margin recomputed around each tile is
         # a small share (256 + 2 x 48 costs 1.9x the pixels, 1024 + 2 x 48 1.2x); TF-Serving
         # keeps the export's suggested serving_tile (request size)
@@ -53,6 +60,15 @@ class Predictor:
         return max(int(self.meta.get("multiple", 1) or 1), 1)
 
     @property
+    def static_shape(self):
+        """(H, W) the runtime takes and no other (LiteRT static exports, instance models), or None.
+        An instance model served by TF-Serving says its size in the metadata's ``input_size``."""
+        static = getattr(self.runtime, "static_shape", None)
+        if static is None and self.task == "instance" and self.meta.get("input_size"):
+            static = tuple(int(side) for side in self.meta["input_size"])
+        return static
+
+    @property
     def stochastic(self):
         return bool(self.meta.get("stochastic"))
 
@@ -73,7 +89,7 @@ class Predictor:
         """(TilePlan, pad function) for an image of (height, width); a static runtime tiles in
         exactly its input shape."""
         multiple = self.multiple
-        static = getattr(self.runtime, "static_shape", None)
+        static = self.static_shape
         if static is not None:
             margin = fitting_margin(static, self.meta.get("tile_margin", 32) if margin is None else margin, multiple)
             shape = [max(-(-size // multiple) * multiple, side) for size, side in zip((height, width), static)]
@@ -142,6 +158,8 @@ class Predictor:
         ``keep_views``) or None}. Each pass averages its ``tta`` views (each mapped back)."""
         from kerasnuc.predict.tiling import dihedral_transform, inverse_dihedral, transform_indices
 
+        if self.task == "instance":
+            raise ValueError("an instance model (Mask R-CNN) gives detections, not maps: use predict_instances")
         image = _as_hwc(image)
         height, width = image.shape[:2]
         value_range = intensity_range(image, self.channels) if value_range is None else tuple(value_range)
@@ -213,10 +231,15 @@ class Predictor:
         """(K, 2) (x, y) nucleus centres: density peaks (detection) or instance centroids."""
         if self.task == "classification":
             raise ValueError("a classification model classifies given points; it does not find them")
+        if self.task == "instance":
+            from kerasnuc.predict.postprocess import instance_centroids
+
+            return instance_centroids(self.predict_instances(image, tile, margin, samples)[0])
         maps, _ = self.predict_maps(image, tile, margin, samples)
         return points_from_maps(maps, self.task, self.meta.get("postprocess") or {})
 
-    def predict_instances(self, image, tile=None, margin=None, samples=None, labels_out=None, progress=None):
+    def predict_instances(self, image, tile=None, margin=None, samples=None, labels_out=None, progress=None,
+                          multiple_inference=None):
         """(instance labels (H, W) uint32, nucleus table) of an image of any size.
 
         ``image``: an (H, W[, C]) array or a view (:mod:`kerasnuc.predict.sources`, e.g. a
@@ -225,10 +248,14 @@ class Predictor:
         channel, and class / class probability with an attached classifier, mean uncertainty
         for Monte-Carlo models; positions and sizes in level-0 pixels. ``labels_out``: an
         (H, W) array to write into (a zarr array for slides); ``progress(done, total)`` is
-        called after each block.
+        called after each block. ``multiple_inference``: this call's choice (True, False or a
+        list of dihedral views) instead of the predictor's.
         """
         from kerasnuc.predict.measure import concat_tables, empty_table
 
+        if multiple_inference is not None and multiple_inference is not self.multiple_inference:
+            return self.with_options(multiple_inference=multiple_inference).predict_instances(
+                image, tile, margin, samples, labels_out, progress)
         view = as_view(image)
         labels = labels_out if labels_out is not None else np.zeros(view.shape[:2], np.uint32)
         tables, oversized = [], 0
@@ -276,8 +303,8 @@ class Predictor:
             yield item
 
     def require_segmentation(self):
-        """Raise unless this is a segmentation model (nuclei as instances)."""
-        if self.task != "segmentation":
+        """Raise unless this model finds nuclei as instances (segmentation or instance task)."""
+        if self.task not in ("segmentation", "instance"):
             raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
                              "(use predict_points)")
 
@@ -332,11 +359,56 @@ class Predictor:
 
     def predict_block(self, result, tile=None, margin=None, samples=None):
         """Read a planned block's pixels (its box) and run the network on them: sets ``crop``,
-        ``maps`` and ``variance``."""
+        ``maps`` and ``variance`` (and with multiple inference ``view_outputs``: the other
+        views' outputs, each in its own orientation)."""
         top, bottom, left, right = result.box
         result.crop = np.asarray(result.view.read(top, bottom, left, right))
-        result.maps, result.variance = self.predict_maps(result.crop, tile, margin, samples, result.value_range)
+        result.maps, result.variance = self.network_output(result.crop, tile, margin, samples, result.value_range)
+        views = self.inference_views()
+        if views is not None:
+            result.view_outputs = self.view_outputs(result.crop, views[1:], tile, margin, samples,
+                                                    result.value_range)
         return result
+
+    def network_output(self, image, tile=None, margin=None, samples=None, value_range=None):
+        """(output, variance or None) of one image or block: maps, or an instance model's tile
+        detections (:mod:`kerasnuc.predict.detections`)."""
+        if self.task == "instance":
+            from kerasnuc.predict.detections import detect
+
+            return detect(self, image, value_range, margin), None
+        return self.predict_maps(image, tile, margin, samples, value_range)
+
+    def view_outputs(self, image, views, tile=None, margin=None, samples=None, value_range=None):
+        """[(k, network output of dihedral view k of ``image``, in that view's orientation)],
+        every view normalised with ``value_range`` (default: the image's)."""
+        from kerasnuc.predict.tiling import dihedral_transform
+
+        image = _as_hwc(image)
+        value_range = intensity_range(image, self.channels) if value_range is None else tuple(value_range)
+        return [(k, self.network_output(np.ascontiguousarray(dihedral_transform(image, k)), tile, margin,
+                                        samples, value_range)[0]) for k in views]
+
+    def inference_views(self):
+        """The dihedral views of multiple inference (the original first), or None when it is off."""
+        from kerasnuc.predict.postprocess import multiple_inference_module
+
+        views = multiple_inference_module().multiple_inference_views(self.multiple_inference)
+        if views is not None and self.tta not in (1, None, [0], (0,)):
+            raise ValueError("multiple inference chooses its own views; use it with tta=1 (maps are not averaged)")
+        return views
+
+    def with_options(self, **options):
+        """A shallow copy of this predictor with some attributes changed (same runtime)."""
+        import copy
+
+        other = copy.copy(self)
+        for name, value in options.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"Predictor has no option {name!r}")
+            setattr(other, name, value)
+        other.inference_views()
+        return other
 
     def _post_stage(self, item, first_id, outlines=False):
         """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``."""
@@ -351,7 +423,12 @@ class Predictor:
         height, width = item.view.shape[:2]
         top, bottom, left, right = item.box
         r0, r1, c0, c1 = item.core
-        local = instances(item.maps, self.meta.get("postprocess") or {})
+        if item.view_outputs is not None:  # multiple inference: the vote comes before the responsibility rule
+            from kerasnuc.predict.postprocess import multiple_inference_instances
+
+            local = multiple_inference_instances(item.maps, item.view_outputs, self.instances_of)
+        else:
+            local = self.instances_of(item.maps)
         keep, item.oversized = responsible_ids(local, (r0 - top, r1 - top, c0 - left, c1 - left),
                                                touches=(top > 0, bottom < height, left > 0, right < width))
         kept = np.zeros(int(local.max(initial=0)) + 1, bool)
@@ -364,8 +441,18 @@ class Predictor:
             _add_classes(table, self.classifier, item.crop, (top, left), item.classifier_range)
         item.labels, item.rings = local, rings
         item.table = _to_level0(table, item.view.downsample)
-        item.maps = item.variance = None
+        item.maps = item.variance = item.view_outputs = None
         return item
+
+    def instances_of(self, maps):
+        """Block-local instance labels of a block's network output (maps, or an instance
+        model's tile detections) with the metadata's post-processing."""
+        params = self.meta.get("postprocess") or {}
+        if self.task == "instance":
+            from kerasnuc.predict.detections import instances_from_tiles
+
+            return instances_from_tiles(maps, params)
+        return instances(maps, params)
 
     def overlap(self):
         """Context around a block: the tile margin (receptive radius) plus room for a whole nucleus."""
@@ -384,6 +471,7 @@ class BlockResult:
         self.index, self.view, self.core, self.box = index, view, core, box
         self.done, self.total, self.error = done, total, error
         self.crop = self.maps = self.variance = self.labels = self.value_range = None
+        self.view_outputs = None  # multiple inference: [(k, output)] of the other views
         self.classifier_range = self.table = self.rings = None
         self.glass = False
         self.oversized = 0  # objects wider than the block context, dropped (see responsible_ids)
@@ -577,13 +665,16 @@ def _as_hwc(image):
     return image
 
 
+PREDICTOR_OPTIONS = ("batch_size", "block", "block_overlap", "tta", "tile", "multiple_inference")
+
+
 def load(source, model_name=None, classifier=None, **options):
     """A :class:`Predictor` for a run folder, a ``.tflite`` export or a TF-Serving ``host:port``
     (with ``model_name``); ``classifier`` (any of those) classifies every nucleus found."""
     from kerasnuc.predict.runtimes import open_runtime
 
     predictor = Predictor(open_runtime(source, model_name, **options),
-                          **{k: v for k, v in options.items() if k in ("batch_size", "block", "block_overlap", "tta", "tile")})
+                          **{k: v for k, v in options.items() if k in PREDICTOR_OPTIONS})
     if classifier is not None:
         predictor.attach_classifier(classifier if isinstance(classifier, Predictor) else load(classifier))
     return predictor

@@ -58,12 +58,13 @@ class LiteModel:
         except (ValueError, RuntimeError) as error:
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(f"{path}: not a readable .tflite model ({detail})") from None
-        if len(self.interpreter.get_input_details()) != 1 or len(self.interpreter.get_output_details()) != 1:
-            raise ValueError(f"{path}: a kerasnuc export has one input and one output, this .tflite has "
-                             f"{len(self.interpreter.get_input_details())} and "
+        outputs = 3 if self.meta.get("task") == "instance" else 1  # boxes, scores, masks
+        if len(self.interpreter.get_input_details()) != 1 or len(self.interpreter.get_output_details()) != outputs:
+            raise ValueError(f"{path}: a kerasnuc export has one input and {'three outputs' if outputs > 1 else 'one output'}"
+                             f", this .tflite has {len(self.interpreter.get_input_details())} and "
                              f"{len(self.interpreter.get_output_details())}")
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self._read_outputs()
         self._check_task()
         signature = [int(s) for s in self.input["shape_signature"]]
         # fixed batch (None: any) and fixed (H, W) (None: any) of the input tensor
@@ -76,9 +77,15 @@ class LiteModel:
     def _check_task(self):
         """The .tflite's tensor shapes must fit its metadata's task (kerasnuc.model_checks);
         metadata given in memory without a task (tests, tools) is not checked."""
-        from kerasnuc.model_checks import shape_problems
+        from kerasnuc.model_checks import instance_shape_problems, shape_problems
 
         if "task" not in self.meta:
+            return
+        if self.meta["task"] == "instance":
+            problems = instance_shape_problems(self.meta.get("channels"), self.input["shape_signature"],
+                                               [o["shape_signature"] for o in self.outputs], claimed_by="metadata")
+            if problems:
+                raise ValueError(f"{self.path}: the model does not match its metadata: " + "; ".join(problems))
             return
 
         problems = shape_problems(self.meta.get("task"), self.meta.get("channels"),
@@ -86,6 +93,14 @@ class LiteModel:
                                   len(self.meta.get("class_names") or ()) or None, claimed_by="metadata")
         if problems:
             raise ValueError(f"{self.path}: the model does not match its metadata: " + "; ".join(problems))
+
+    def _read_outputs(self):
+        """The output details; an instance model's three in the order boxes, scores, masks
+        (told apart by rank: 3, 2 and 4; LiteRT does not keep the Keras output order)."""
+        details = self.interpreter.get_output_details()
+        if len(details) == 3:
+            details = sorted(details, key=lambda o: {3: 0, 2: 1, 4: 2}.get(len(o["shape_signature"]), 3))
+        self.outputs, self.output = details, details[0]
 
     @property
     def input_dtype(self):
@@ -118,7 +133,7 @@ class LiteModel:
                 self.interpreter.resize_tensor_input(self.input["index"], list(shape), strict=False)
             self.interpreter.allocate_tensors()
             self.input = self.interpreter.get_input_details()[0]
-            self.output = self.interpreter.get_output_details()[0]
+            self._read_outputs()
             self._shape = tuple(shape)
 
     def quantize_input(self, batch):
@@ -129,16 +144,19 @@ class LiteModel:
         info = np.iinfo(dtype)
         return np.clip(np.round(batch / scale + zero), info.min, info.max).astype(dtype)
 
-    def dequantize_output(self, out):
-        if self.output["dtype"] == np.float32:
+    def dequantize_output(self, out, output=None):
+        output = output or self.output
+        if output["dtype"] == np.float32:
             return out.astype(np.float32, copy=False)
-        scale, zero = self.output["quantization"]
+        scale, zero = output["quantization"]
         return ((out.astype(np.float32) - zero) * scale).astype(np.float32)
 
     def _invoke(self, batch):
         self._resize(batch.shape)
         self.interpreter.set_tensor(self.input["index"], self.quantize_input(batch))
         self.interpreter.invoke()
+        if len(self.outputs) > 1:  # an instance model: (boxes, scores, masks)
+            return tuple(self.dequantize_output(self.interpreter.get_tensor(o["index"]), o) for o in self.outputs)
         return self.dequantize_output(self.interpreter.get_tensor(self.output["index"]))
 
     def run(self, batch):
@@ -160,6 +178,9 @@ class LiteModel:
         size = self.static_batch
         if size is None or len(batch) == size:
             return self._invoke(batch)
+        if len(self.outputs) > 1:  # an instance model: one call per image, outputs stacked per tensor
+            calls = [self._invoke(batch[i:i + 1]) for i in range(len(batch))]
+            return tuple(np.concatenate(parts) for parts in zip(*calls))
         outs = []
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]

@@ -25,21 +25,30 @@ class KerasRuntime:
         self.measured = False
         if model is not None:  # a model in memory (training, tests)
             self.path, self.model, self.meta = "<in memory>", model, dict(meta or {})
-            return
-        from kerasnuc import runs
-
-        run = runs.read_run(run_dir)  # read once, passed on
-        self.path = run.path
-        self.model = runs.load_model(run)
-        if meta is not None:
-            self.meta = dict(meta)
         else:
-            self.meta = runs.run_metadata(run, self.model, measure=measure)
-            self.measured = bool(measure)
+            from kerasnuc import runs
+
+            run = runs.read_run(run_dir)  # read once, passed on
+            self.path = run.path
+            self.model = runs.load_model(run)
+            if meta is not None:
+                self.meta = dict(meta)
+            else:
+                self.meta = runs.run_metadata(run, self.model, measure=measure)
+                self.measured = bool(measure)
+        if self.meta.get("task") == "instance":  # Mask R-CNN: a fixed input size, tiled to
+            self.static_shape = tuple(int(side) for side in self.model.input_shape[1:3])
 
     def run(self, batch):
+        """float32 output of a normalised batch; a model with several outputs (an instance
+        model's boxes, scores, masks) gives a tuple of them in the model's order."""
         batch = np.asarray(batch, np.float32)
-        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        out = self.model.predict_on_batch(batch)
+        if isinstance(out, dict):
+            out = [out[name] for name in self.model.output_names]
+        if isinstance(out, (list, tuple)):
+            return tuple(np.asarray(o, dtype=np.float32) for o in out)
+        return np.asarray(out, dtype=np.float32)
 
 
 def predict_maps(model, image, channels, multiple=16):
@@ -80,14 +89,20 @@ class GrpcRuntime:
         classification = self.meta.get("task") == "classification"
         if uncertainty:
             signature, keys = "uncertainty_with_range", ("mean", "variance")
+        elif self.meta.get("task") == "instance":
+            from kerasnuc.predict.detections import OUTPUTS
+
+            signature, keys = "with_range", OUTPUTS
         else:
             signature, keys = "with_range", ("probabilities" if classification else "maps",)
         job = self.client.submit(signature, inputs, keys)
         return _Mapped(job, lambda out: tuple(np.asarray(out[key], np.float32) for key in keys))
 
     def run_raw(self, tiles, value_range):
-        """uint8 tiles + the whole image's (min, max) -> float32 model output (one pass)."""
-        return self.submit(tiles, value_range).result()[0]
+        """uint8 tiles + the whole image's (min, max) -> float32 model output (one pass); an
+        instance model's (boxes, scores, masks)."""
+        outs = self.submit(tiles, value_range).result()
+        return outs if self.meta.get("task") == "instance" else outs[0]
 
 
 class _Mapped:
