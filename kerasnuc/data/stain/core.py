@@ -1,11 +1,12 @@
-"""H&E stain normalisation (Reinhard, Macenko, Vahadane) and HED stain jitter.
+"""H&E stain normalisation: the shared interface, Reinhard, Macenko, Vahadane; HED stain jitter.
 
 Why: slides from different labs and scanners differ in stain colour; mapping every tile
 to one template's colours (or, in training, jittering the stains) makes models travel.
 
-Interface shared by all three methods::
+Interface shared by every method (DCGMM, a trained network, is in :mod:`.dcgmm` and
+registers itself in ``NORMALIZERS``)::
 
-    normalizer = make_normalizer("macenko")      # or "reinhard", "vahadane"
+    normalizer = make_normalizer("macenko")      # or "reinhard", "vahadane", "dcgmm" (model=PATH)
     normalizer.fit(template_rgb_uint8)            # (H, W, 3) uint8; bad template -> ValueError
     out = normalizer.transform(rgb_uint8)         # (H, W, 3) uint8
     json.dump(normalizer.to_dict(), f)            # store in the run folder ...
@@ -499,7 +500,7 @@ NORMALIZERS = {cls.method: cls for cls in (ReinhardNormalizer, MacenkoNormalizer
 
 
 def make_normalizer(method, **options):
-    """A new, unfitted normaliser: ``method`` in "reinhard", "macenko", "vahadane"."""
+    """A new, unfitted normaliser: ``method`` in "reinhard", "macenko", "vahadane", "dcgmm"."""
     key = str(method).lower()
     if key not in NORMALIZERS:
         raise ValueError(f"unknown stain normalisation method {method!r}; choose from {sorted(NORMALIZERS)}")
