@@ -97,8 +97,11 @@ def load_estep(path):
     with _NETWORKS_LOCK:
         if key in _NETWORKS:
             return _NETWORKS[key]
-    import keras
-
+    try:
+        import keras
+    except ImportError as error:
+        raise ImportError(f"dcgmm: the E-step network {path} is a Keras model; dcgmm stain "
+                          f"normalisation needs Keras and its backend installed ({error})") from None
     try:
         network = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001  (a zip Keras cannot read, or not a zip at all)
