@@ -16,7 +16,7 @@ from kerasnuc.postprocess import (
     inverse_dihedral,
     majority_vote,
     mean_probability,
-    merge_instances_by_vote,
+    merge_views_anchored,
     predict_tta,
 )
 
@@ -219,7 +219,7 @@ def test_vote_merge_keeps_consensus(dsb_labels):
     empty = ndi.binary_erosion(ndi.binary_dilation(truth > 0, iterations=3) == 0, np.ones((9, 9)))
     row, col = np.argwhere(empty)[0]  # centre of a 9x9 box of background, away from nuclei
     b[row - 4:row + 5, col - 4:col + 5] = truth.max() + 1  # a nucleus only b sees: dropped
-    merged = merge_instances_by_vote([a, b, c])
+    merged = merge_views_anchored(a, [b, c])  # anchored on a; b's extra nucleus has no anchor
     assert merged.dtype == np.int32
     assert merged[row - 4:row + 5, col - 4:col + 5].max() == 0
     scores = object_scores(truth, merged)
@@ -241,12 +241,12 @@ def test_vote_merge_never_groups_two_nuclei_of_one_prediction():
     split = np.zeros(shape, np.int32)
     split[left], split[right] = 1, 2
     merged_blob = (left | right).astype(np.int32)  # one prediction merges the pair
-    out = merge_instances_by_vote([split, split.copy(), merged_blob])
+    out = merge_views_anchored(split, [split.copy(), merged_blob])
     assert out.max() == 2  # the majority split wins; the merged blob joins one of them only
     assert out[20, 18] != out[20, 36]
-    assert merge_instances_by_vote([np.zeros(shape, int)] * 3).max() == 0
+    assert merge_views_anchored(np.zeros(shape, int), [np.zeros(shape, int)] * 2).max() == 0
     with pytest.raises(ValueError):
-        merge_instances_by_vote([split, split[:10]])
+        merge_views_anchored(split, [split[:10]])
 
 
 # ----------------------------------------------------------------------------- ensembles

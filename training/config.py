@@ -75,6 +75,10 @@ class FitConfig:
     images whose class mix differs; the validation and test sets are never resampled)."""
     folds: int = 0
     """k-fold cross-validation: 0 for one train/val/test split, K >= 2 for K folds (mean +- std)."""
+    split: str = ""
+    """A fixed split instead of the seeded fractions: 'monuseg_organ' (the organ-wise MoNuSeg split
+    of Kumar et al. 2017 / NucSeg's MOSID: train and validate on breast, kidney, liver, prostate;
+    test on 8 same-organ and 6 other-organ images) or a split JSON file (configs/splits/). Empty: none."""
     stain: dict = field(default_factory=dict)
     """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"}; empty: none."""
     max_pixels: int = 2 ** 28
@@ -131,6 +135,8 @@ class FitConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         self._validate_self_correction()
+        if self.split and (self.folds >= 2 or self.test_data):
+            raise ValueError(f"split '{self.split}' fixes train/val/test: it excludes folds and test_data")
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
         from training.distribute import check_choice

@@ -2,7 +2,7 @@
 
     python -m training.evaluate runs/unet-20261124-101500                 # the run's test split
     python -m training.evaluate RUN --split val --tta                      # 8 dihedral views averaged
-    python -m training.evaluate RUN --tta --tta-merge vote                 # instance majority vote
+    python -m training.evaluate RUN --multiple-inference                   # NucSeg: 7 views, anchored vote
     python -m training.evaluate RUN --data dsb2018:../shared/data/dsb2018/stage1_test
     python -m training.evaluate RUN --mc-samples 20                        # MC-dropout models
     python -m training.evaluate RUN --data folder:my_data --skip-bad       # list bad files, score the rest
@@ -34,7 +34,8 @@ from kerasnuc.runs import model_multiple, postprocess_of  # noqa: E402
 
 SPLITS = ("test", "val")
 TTA_MERGES = ("mean", "vote")
-VOTE_IOU = 0.2
+VOTE_IOU = 0.2  # multiple inference (NucSeg): a view's nucleus matches an original one at IoU > 0.2
+VOTE_FRACTION = 0.5  # and a pixel stays when more than half of the views' masks cover it
 
 
 class EvaluationError(Exception):
@@ -167,8 +168,17 @@ class Settings:
     mc_samples: int = 1
 
     @property
+    def multiple_inference(self):
+        """The dihedral views of NucSeg's multiple inference (``tta_merge == "vote"``), or None."""
+        from kerasnuc.postprocess.multiple_inference import MULTIPLE_INFERENCE_VIEWS
+
+        return list(MULTIPLE_INFERENCE_VIEWS) if self.tta_merge == "vote" else None
+
+    @property
     def transforms(self):
-        return 8 if self.tta else 1
+        """Dihedral views whose maps are averaged: 8 with TTA by mean, else 1 (multiple inference
+        votes over its views' instances instead)."""
+        return 8 if self.tta and self.multiple_inference is None else 1
 
 
 def engine_for(model, settings, patch=None, postprocess=None):
@@ -196,16 +206,21 @@ def predict_record(model, record, settings, engine=None):
     "views": list or None, "passes": (S, H, W, K)}.
 
     ``settings.tta``: the 8 dihedral views, mapped back and averaged; with ``tta_merge ==
-    "vote"`` the 8 mapped-back views are returned too. ``settings.mc_samples`` > 1: that many
-    stochastic passes (each with all its TTA views); "mean" is their mean, "variance" their variance.
+    "vote"`` (multiple inference) "mean" is the original view's and "view_outputs" the other
+    views' [(k, maps in view k's orientation)] from the engine. ``settings.mc_samples`` > 1: that
+    many stochastic passes (each with all its TTA views); "mean" is their mean, "variance" their
+    variance.
     """
     engine = engine or engine_for(model, settings)
     if engine.task == "instance":  # detections -> labels in the engine; the foreground is the labels'
-        labels = engine.predict_instances(record.image)[0]
+        labels = engine.predict_instances(record.image, multiple_inference=settings.multiple_inference or False)[0]
         mean = (labels > 0)[..., None].astype(np.float32)
         return {"mean": mean, "variance": None, "views": None, "passes": mean[None], "labels": labels}
-    out = engine.predict_passes(record.image, tile=0, samples=max(1, settings.mc_samples),
-                                keep_views=settings.tta and settings.tta_merge == "vote")
+    samples = max(1, settings.mc_samples)
+    out = engine.predict_passes(record.image, tile=0, samples=samples)
+    views = settings.multiple_inference
+    if views is not None:
+        out["view_outputs"] = engine.view_outputs(record.image, views[1:], tile=0, samples=samples)
     if out["passes"] is None:
         out["passes"] = out["mean"][None]
     return out
@@ -269,9 +284,9 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
     MC models); artifacts keep what the figures need.
     """
     from kerasnuc import metrics
-    from kerasnuc.postprocess import merge_instances_by_vote
     from kerasnuc.predict.postprocess import foreground
     from kerasnuc.predict.postprocess import instances as instances_of  # watershed or embedding clustering
+    from kerasnuc.predict.postprocess import multiple_inference_instances
 
     missing = [r.name for r in records if r.labels is None]
     if missing:
@@ -279,7 +294,8 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
                               f"against (e.g. {missing[0]})")
     stochastic = settings.mc_samples > 1
     per_image, instances, fg_means, variances = [], [], [], []
-    pooled = {"true": 0, "pred": 0, "inter": 0, "tp": 0, "fp": 0, "fn": 0}
+    pooled = {"true": 0, "pred": 0, "inter": 0, "tp": 0, "fp": 0, "fn": 0,
+              "tp_dice02": 0, "fp_dice02": 0, "fn_dice02": 0}
     ua_counts = {"entropy": np.zeros(4, np.int64), "variance": np.zeros(4, np.int64)}
     bins = np.linspace(0.0, np.log(2.0), ENTROPY_BINS + 1)
     hist_pixels, hist_errors = np.zeros(ENTROPY_BINS, np.int64), np.zeros(ENTROPY_BINS, np.int64)
@@ -289,9 +305,10 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         mean = maps["mean"]
         if maps.get("labels") is not None:  # an instance model's engine gave the nuclei
             predicted = maps["labels"]
-        elif maps.get("views") is not None:
-            predicted = merge_instances_by_vote([instances_of(v, params) for v in maps["views"]],
-                                                iou_threshold=VOTE_IOU)
+        elif maps.get("view_outputs") is not None:  # NucSeg's multiple inference, as the engine's blocks do it
+            predicted = multiple_inference_instances(mean, maps["view_outputs"],
+                                                     lambda output: instances_of(output, params), iou=VOTE_IOU,
+                                                     vote=VOTE_FRACTION)
         else:
             predicted = instances_of(mean, params)
         row = {"name": record.name, **metrics.segmentation_report(record.labels, predicted)}
@@ -299,7 +316,7 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         pooled["true"] += int(truth.sum())
         pooled["pred"] += int(pred_fg.sum())
         pooled["inter"] += int((truth & pred_fg).sum())
-        for k in ("tp", "fp", "fn"):
+        for k in ("tp", "fp", "fn", "tp_dice02", "fp_dice02", "fn_dice02"):
             pooled[k] += int(row[k])
         fg_mean = foreground(mean, params)
         if stochastic:
@@ -324,6 +341,7 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         progress.step(record.name)
 
     precision, recall, f1 = _prf(pooled["tp"], pooled["fp"], pooled["fn"])
+    precision02, recall02, f1_02 = _prf(pooled["tp_dice02"], pooled["fp_dice02"], pooled["fn_dice02"])
     union = pooled["true"] + pooled["pred"] - pooled["inter"]
     both = pooled["true"] + pooled["pred"]
     pooled_metrics = {
@@ -331,6 +349,8 @@ def evaluate_segmentation(records, predict, params, settings, log, progress_ever
         "iou": 1.0 if union == 0 else pooled["inter"] / union,
         "tp": pooled["tp"], "fp": pooled["fp"], "fn": pooled["fn"],
         "precision": precision, "recall": recall, "f1": f1,
+        "tp_dice02": pooled["tp_dice02"], "fp_dice02": pooled["fp_dice02"], "fn_dice02": pooled["fn_dice02"],
+        "precision_dice02": precision02, "recall_dice02": recall02, "f1_dice02": f1_02,
     }
     result = {"per_image": per_image, "mean": _mean_rows(per_image), "pooled": pooled_metrics}
     if stochastic:
@@ -474,13 +494,16 @@ def default_out(run, data=None, split="test", tta=False, tta_merge="mean"):
 
 
 def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, out=None,
-                 tta_merge="mean", progress_every=10, limit=None, log=None, policy=None, skip_bad=False):
+                 tta_merge="mean", progress_every=10, limit=None, log=None, policy=None, skip_bad=False,
+                 multiple_inference=False):
     """Evaluate ``run_dir``'s model; returns the metrics dict that is also written to
     ``out/metrics.json`` (with ``out``/``report`` keys giving where everything went).
 
     ``data``: a dataset spec to evaluate on instead of the run's ``split`` ("test" or "val").
-    ``tta``: average the 8 dihedral views; ``tta_merge="vote"`` (segmentation) merges the
-    8 views' instances by majority vote at IoU > 0.2 instead. ``mc_samples``: stochastic
+    ``tta``: average the 8 dihedral views; ``tta_merge="vote"`` or ``multiple_inference``
+    (segmentation) is NucSeg's multiple inference instead: 7 views, each view's instances mapped
+    back, the original's nuclei kept by a pixel majority of their matches at IoU > 0.2
+    (:mod:`kerasnuc.postprocess.multiple_inference`). ``mc_samples``: stochastic
     passes for MC-dropout models (default: config.json's mc_samples; ignored otherwise).
     ``out``: default ``RUN/eval-<split or dataset>[-tta|-tta-vote]/``. ``limit``: only the
     first ``limit`` images (a quick look; recorded in the options). ``policy``: the
@@ -495,13 +518,15 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         raise EvaluationError(f"split must be one of {SPLITS}, got '{split}'")
     if tta_merge not in TTA_MERGES:
         raise EvaluationError(f"tta_merge must be one of {TTA_MERGES}, got '{tta_merge}'")
+    if multiple_inference:
+        tta_merge = "vote"
     if tta_merge == "vote":
         tta = True
     if mc_samples is not None and int(mc_samples) < 1:
         raise EvaluationError(f"mc_samples must be at least 1, got {mc_samples}")
     run = load_run(run_dir)
     task = run.task
-    if tta_merge == "vote" and task != "segmentation":
+    if tta_merge == "vote" and task not in ("segmentation", "instance"):
         raise EvaluationError(f"--tta-merge vote merges instances: segmentation runs only (this run: {task})")
     skipped = [] if skip_bad else None
     policy = policy or run_policy(run)
@@ -530,7 +555,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
                         tta_merge=tta_merge, mc_samples=passes)
     what = f"split '{split}'" if not data else f"dataset {data}"
     log(f"evaluating {run.path} ({task}, {run.config['model']}) on {what}: {len(records)} images, "
-        f"{'TTA 8 views' + (' + vote' if tta_merge == 'vote' else '') if tta else 'no TTA'}, "
+        f"{('multiple inference (7 views, anchored vote)' if tta_merge == 'vote' else 'TTA 8 views') if tta else 'no TTA'}, "
         f"{passes} pass{'es' if passes > 1 else ''}{' (MC dropout)' if stochastic else ''}")
 
     engine = engine_for(model, settings, postprocess=postprocess_of(run.thresholds) if task == "instance" else None)
@@ -538,7 +563,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
     def predict(record):
         return predict_record(model, record, settings, engine)
 
-    options = {"tta": bool(tta), "tta_transforms": settings.transforms,
+    options = {"tta": bool(tta), "tta_transforms": settings.multiple_inference or settings.transforms,
                "tta_merge": tta_merge if tta else None, "mc_samples": passes, "stochastic": stochastic,
                "channels": channels, "input_multiple": settings.multiple, "limit": int(limit) if limit else None,
                "input_policy": policy.to_dict(), "skip_bad": bool(skip_bad)}
@@ -547,7 +572,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         if not params:
             raise EvaluationError(f"{run.path}/thresholds.json: no 'postprocess' entry")
         if tta_merge == "vote":
-            options["vote_iou"] = VOTE_IOU
+            options.update({"multiple_inference": settings.multiple_inference, "vote_iou": VOTE_IOU,
+                            "vote_fraction": VOTE_FRACTION})
         options["postprocess"] = params
         metrics, artifacts = evaluate_segmentation(records, predict, params, settings, log, progress_every)
     elif task == "detection":
@@ -674,8 +700,11 @@ def build_parser():
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the 8 dihedral views (8x the passes)")
     parser.add_argument("--tta-merge", choices=TTA_MERGES, default="mean", dest="tta_merge",
-                        help="segmentation: 'mean' thresholds the averaged probabilities; 'vote' keeps "
-                             "nuclei found in most views (IoU > 0.2); implies --tta")
+                        help="segmentation: 'mean' thresholds the averaged probabilities; 'vote' is "
+                             "--multiple-inference; implies --tta")
+    parser.add_argument("--multiple-inference", action="store_true", dest="multiple_inference",
+                        help="NucSeg's multiple inference: 7 rotated/flipped views, each view's nuclei mapped back, "
+                             "the original's nuclei kept by a pixel majority of their matches (IoU > 0.2)")
     parser.add_argument("--mc-samples", type=int, dest="mc_samples", metavar="T",
                         help="stochastic passes for Monte-Carlo dropout models (default: the run's config)")
     parser.add_argument("--out", help="output folder (default RUN_DIR/eval-<split or dataset>[-tta])")
@@ -694,6 +723,7 @@ def main(argv=None):
         run = load_run(args.run_dir)
         evaluate_run(args.run_dir, data=args.data, split=args.split or "test", tta=args.tta,
                      mc_samples=args.mc_samples, out=args.out, tta_merge=args.tta_merge,
+                     multiple_inference=args.multiple_inference,
                      progress_every=args.progress_every, limit=args.limit,
                      policy=run_policy(run, **validation.policy_overrides(args)), skip_bad=args.skip_bad)
     except EvaluationError as error:

@@ -51,6 +51,7 @@ def build_parser():
     parser.add_argument("--precision", choices=PRECISIONS, help=docs["precision"])
     parser.add_argument("--mc-samples", type=int, dest="mc_samples", help=docs["mc_samples"])
     parser.add_argument("--folds", type=int, help=docs["folds"])
+    parser.add_argument("--split", help=docs["split"])
     parser.add_argument("--stain", type=json.loads, metavar="JSON", help=docs["stain"])
     parser.add_argument("--density-sigma", type=float, dest="density_sigma", help=docs["density_sigma"])
     parser.add_argument("--match-radius", type=float, dest="match_radius", help=docs["match_radius"])
@@ -164,7 +165,7 @@ def _run_in(run_dir, config, log, resume):
     from kerasnuc.data import load_dataset
     from kerasnuc.data.spec import dataset_mpp
     from kerasnuc.data.imageio import DataError
-    from kerasnuc.data.splits import kfold_splits, train_val_test_split
+    from kerasnuc.data.splits import kfold_splits, split_from_spec, train_val_test_split
     from training.distribute import distribution_scope
     from training.precision import accelerator_name, apply_precision
 
@@ -187,7 +188,12 @@ def _run_in(run_dir, config, log, resume):
     if config.stain:
         records, test_records, stain_params = _normalise_stains(config, records, test_records, log)
     names = [r.name for r in records]
-    if config.folds >= 2:
+    if config.split:
+        try:
+            splits = [split_from_spec(config.split, names)]
+        except ValueError as error:
+            sys.exit(f"training.fit: {error}")
+    elif config.folds >= 2:
         if test_records:
             sys.exit("training.fit: --folds and --test-data exclude each other (folds test on their own held-out part)")
         splits = kfold_splits(names, config.folds, seed=config.seed, val_fraction=config.val_fraction)
@@ -207,7 +213,8 @@ def _run_in(run_dir, config, log, resume):
                 "keras_version": keras.__version__, "backend": keras.backend.backend(),
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                             "accelerator": accelerator_name()}}
-    split_record = {"seed": config.seed, "grouped_by": "image",
+    split_record = {"seed": config.seed, "grouped_by": "organ" if config.split == "monuseg_organ" else "image",
+                    **({"split": config.split} if config.split else {}),
                     **({"folds": splits} if len(splits) > 1 else split)}
     if resume:
         _check_same_split(run_dir, split_record)

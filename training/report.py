@@ -250,6 +250,9 @@ METRIC_NOTES = {
     "pq": "panoptic quality", "dq": "detection quality (F1 at IoU > 0.5)", "sq": "segmentation quality",
     "precision": "object precision", "recall": "object recall", "f1": "object F1",
     "mean_matched_iou": "mean IoU of matched nuclei", "f1_dice02": "object F1 at Dice > 0.2",
+    "precision_dice02": "object precision at Dice > 0.2", "recall_dice02": "object recall at Dice > 0.2",
+    "tp_dice02": "true positives at Dice > 0.2", "fp_dice02": "false positives at Dice > 0.2",
+    "fn_dice02": "false negatives at Dice > 0.2",
     "tp": "true positives", "fp": "false positives", "fn": "false negatives",
     "n_true": "true nuclei", "n_pred": "predicted nuclei", "mean_distance": "mean matched distance (px)",
     "ua_entropy": "uncertainty accuracy (entropy)", "ua_variance": "uncertainty accuracy (variance)",
@@ -299,7 +302,9 @@ def write_report(path, result, figures, max_rows=60):
                  + (f", stain-normalised ({result['stain']})" if result.get("stain") else ""))
     tta = "no" if not options["tta"] else f"yes, {options['tta_transforms']} dihedral views"
     if options.get("tta_merge") == "vote":
-        tta += f", instances merged by majority vote at IoU > {options.get('vote_iou', 0.2)}"
+        tta = (f"multiple inference (NucSeg): dihedral views {options.get('multiple_inference')}, each view's "
+               f"nuclei mapped back and matched to the original's at IoU > {options.get('vote_iou', 0.2)}, "
+               f"pixels kept by more than {options.get('vote_fraction', 0.5):.0%} of the views")
     elif options["tta"]:
         tta += ", probabilities averaged"
     lines.append(f"- **Test-time augmentation:** {tta}")

@@ -13,9 +13,98 @@ import numpy as np
 
 from kerasnuc.atomic import write_text_atomic
 
-__all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "records_of", "SIDES"]
+__all__ = ["train_val_test_split", "kfold_splits", "save_split", "load_split", "records_of", "SIDES",
+           "MONUSEG_ORGANS", "monuseg_organ", "monuseg_organ_split", "monuseg_test_groups", "NAMED_SPLITS",
+           "split_from_spec"]
 
 SIDES = ("train", "val", "test")
+
+# ---------------------------------------------------------------------------- MoNuSeg by organ
+
+MONUSEG_ORGANS = {
+    "A7": "breast", "AR": "breast", "E2": "breast",  # TCGA BRCA
+    "B0": "kidney", "HE": "kidney",  # KIRC (B0), KIRP (HE)
+    "18": "liver", "21": "liver", "38": "liver", "49": "liver", "50": "liver",  # see the note below
+    "G9": "prostate", "CH": "prostate",  # PRAD
+    "DK": "bladder", "G2": "bladder",  # BLCA
+    "AY": "colon", "NH": "colon",  # COAD
+    "KB": "stomach", "RD": "stomach",  # STAD
+}
+"""Organ of a MoNuSeg 2018 training tile by the TCGA tissue-source-site code of its name
+(``TCGA-<site>-<participant>-...``), as the MoNuSeg organisers' data page (organ and disease
+type per image) and Kumar et al., IEEE TMI 36(7) 2017 (section II, the 30 images of 7 organs)
+give it. Note: the organisers and Kumar et al. call the five sites 18, 21, 38, 49 and 50
+"liver", but these are TCGA lung projects (18, 21: LUSC; 38, 49, 50: LUAD), as the organisers'
+own disease-type column says (lung squamous cell / adenocarcinoma); the name is kept so the
+split matches the papers that use it."""
+
+# Kumar et al. 2017: 16 training images of 4 organs (4 each), a same-organ test set of 8 (2 per
+# training organ) and a different-organ test set of 6 (2 each of bladder, colon, stomach).
+_KUMAR_TEST_SAME = ("TCGA-E2-A1B5-01Z-00-DX1", "TCGA-E2-A14V-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1",
+                    "TCGA-B0-5698-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-21-5786-01Z-00-DX1",
+                    "TCGA-CH-5767-01Z-00-DX1", "TCGA-G9-6362-01Z-00-DX1")
+_KUMAR_TEST_OTHER = ("TCGA-DK-A2I6-01A-01-TS1", "TCGA-G2-A2EK-01A-02-TSB", "TCGA-AY-A8YK-01A-01-TS1",
+                     "TCGA-NH-A8F7-01A-01-TS1", "TCGA-KB-A93J-01A-01-TS1", "TCGA-RD-A8N9-01A-01-TS1")
+# one training image per training organ held out to tune post-processing (the papers give no
+# validation set; these four are the "only-train with validation" choice of a public MoNuSeg
+# converter, so the organ mix of training is unchanged)
+_KUMAR_VAL = ("TCGA-AR-A1AS-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1", "TCGA-50-5931-01Z-00-DX1",
+              "TCGA-G9-6363-01Z-00-DX1")
+
+
+def monuseg_organ(name):
+    """The organ of a MoNuSeg image name (:data:`MONUSEG_ORGANS`); ValueError for another name."""
+    parts = str(name).split(":")[-1].split("-")
+    if len(parts) < 3 or parts[0] != "TCGA" or parts[1] not in MONUSEG_ORGANS:
+        raise ValueError(f"'{name}' is not a MoNuSeg 2018 training image (TCGA-<site>-... with a known site)")
+    return MONUSEG_ORGANS[parts[1]]
+
+
+def monuseg_test_groups():
+    """{"same_organ": 8 names, "different_organ": 6 names}: Kumar et al.'s two test sets."""
+    return {"same_organ": sorted(_KUMAR_TEST_SAME), "different_organ": sorted(_KUMAR_TEST_OTHER)}
+
+
+def monuseg_organ_split(names):
+    """The organ-wise MoNuSeg split ("MOSID" in NucSeg, after Kumar et al. 2017) of ``names``
+    (the 30 training tiles): train 12 / val 4 of breast, kidney, liver, prostate; test the 14
+    images of the same-organ and different-organ test sets. Every name must be a MoNuSeg tile,
+    and all 30 must be there."""
+    names = sorted(names)
+    for name in names:
+        monuseg_organ(name)
+    test = set(_KUMAR_TEST_SAME) | set(_KUMAR_TEST_OTHER)
+    expected = 30
+    if len(set(names)) != expected:
+        raise ValueError(f"the monuseg_organ split needs the {expected} MoNuSeg 2018 training tiles, got "
+                         f"{len(set(names))} images")
+    missing = sorted((test | set(_KUMAR_VAL)) - set(names))
+    if missing:
+        raise ValueError(f"the monuseg_organ split needs {missing[0]} (and {len(missing) - 1} more), not in the data")
+    val = set(_KUMAR_VAL)
+    return {"train": [n for n in names if n not in test and n not in val], "val": sorted(val), "test": sorted(test)}
+
+
+NAMED_SPLITS = {"monuseg_organ": monuseg_organ_split}
+"""Splits given by name in a training config's ``split``."""
+
+
+def split_from_spec(spec, names):
+    """A fixed split of ``names`` from a config's ``split``: a name of :data:`NAMED_SPLITS`, or
+    the path of a split JSON file (:func:`load_split`; configs/splits/). A file's names must all
+    be in the data; images the file does not name are left out (not trained or scored)."""
+    if spec in NAMED_SPLITS:
+        return NAMED_SPLITS[spec](names)
+    if not os.path.isfile(os.fspath(spec)):
+        raise ValueError(f"split '{spec}': neither a named split ({', '.join(NAMED_SPLITS)}) nor a split file")
+    split = load_split(spec)
+    if isinstance(split, list):
+        raise ValueError(f"{spec}: holds {len(split)} folds; a config's split takes one train/val/test split")
+    known = set(names)
+    unknown = [name for side in split.values() for name in side if name not in known]
+    if unknown:
+        raise ValueError(f"{spec}: {len(unknown)} names are not in the data, e.g. '{unknown[0]}'")
+    return {side: sorted(split.get(side, [])) for side in SIDES}
 
 
 def train_val_test_split(names, val_fraction=0.15, test_fraction=0.15, seed=0):

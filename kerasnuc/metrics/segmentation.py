@@ -333,12 +333,14 @@ def segmentation_report(true_labels, pred_labels) -> dict:
     """All segmentation metrics of one image pair, from one overlap table.
 
     Keys: dice, iou (foreground pixels), aji, aji_plus, pq, dq, sq, tp, fp, fn, precision,
-    recall, f1 (objects at IoU > 0.5), mean_matched_iou, f1_dice02 (objects at Dice > 0.2),
-    n_true, n_pred.
+    recall, f1 (objects at IoU > 0.5), mean_matched_iou, tp_dice02, fp_dice02, fn_dice02,
+    precision_dice02, recall_dice02, f1_dice02 (objects at Dice > 0.2, the rule of Kumar et al.
+    2017 and NucSeg), n_true, n_pred.
     """
     table = overlap_table(true_labels, pred_labels)
     a, b, i = table.fg_true, table.fg_pred, table.fg_inter
     obj = object_scores(table, None)
+    obj02 = object_scores(table, None, 0.2, "dice")
     pq = panoptic_quality(table, None)
     return {
         "dice": 1.0 if a + b == 0 else 2.0 * i / (a + b),
@@ -349,6 +351,7 @@ def segmentation_report(true_labels, pred_labels) -> dict:
         "tp": obj["tp"], "fp": obj["fp"], "fn": obj["fn"],
         "precision": obj["precision"], "recall": obj["recall"], "f1": obj["f1"],
         "mean_matched_iou": obj["mean_matched_iou"],
-        "f1_dice02": object_scores(table, None, 0.2, "dice")["f1"],
+        "tp_dice02": obj02["tp"], "fp_dice02": obj02["fp"], "fn_dice02": obj02["fn"],
+        "precision_dice02": obj02["precision"], "recall_dice02": obj02["recall"], "f1_dice02": obj02["f1"],
         "n_true": table.n_true, "n_pred": table.n_pred,
     }

@@ -40,22 +40,49 @@ def is_embedding(params):
     return (params or {}).get("method") == EMBEDDING
 
 
-def _embedding_module():
-    """kerasnuc.postprocess.embedding; loaded from its file where the package's SciPy imports fail."""
-    try:
-        from kerasnuc.postprocess import embedding
+def _numpy_module(name):
+    """kerasnuc.postprocess.<name> (a NumPy-only module); loaded from its file where the
+    package's SciPy imports fail."""
+    import importlib
 
-        return embedding
+    try:
+        return importlib.import_module(f"kerasnuc.postprocess.{name}")
     except ImportError:
         import importlib.util
         import os
 
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "postprocess",
-                            "embedding.py")
-        spec = importlib.util.spec_from_file_location("kerasnuc_postprocess_embedding", path)
+                            f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"kerasnuc_postprocess_{name}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+
+
+def _embedding_module():
+    """kerasnuc.postprocess.embedding, also without SciPy."""
+    return _numpy_module("embedding")
+
+
+def multiple_inference_module():
+    """kerasnuc.postprocess.multiple_inference (NucSeg's anchored vote), also without SciPy."""
+    return _numpy_module("multiple_inference")
+
+
+def multiple_inference_instances(original, view_outputs, to_labels, iou=0.2, vote=0.5):
+    """NucSeg's multiple inference of one image: (H, W) int32 labels.
+
+    ``original``: the network output of the original view; ``view_outputs``: (k, output) of
+    dihedral views k, each output in its own view's orientation; ``to_labels(output)`` -> that
+    view's instance labels (the watershed of maps, an instance model's detections). Each
+    view's labels are mapped back and the original's nuclei kept by the anchored pixel vote
+    (:func:`kerasnuc.postprocess.multiple_inference.merge_views_anchored`). The one copy of this
+    composition: the engine's blocks and training.evaluate both call it.
+    """
+    from kerasnuc.predict.tiling import inverse_dihedral
+
+    views = [np.ascontiguousarray(inverse_dihedral(to_labels(output), k)) for k, output in view_outputs]
+    return multiple_inference_module().merge_views_anchored(to_labels(original), views, iou=iou, vote=vote)
 
 
 def embedding_instances(maps, params):
