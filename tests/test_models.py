@@ -12,6 +12,7 @@ from kerasnuc import models
 SEGMENTATION_LIKE = ["bayesnuseg", "ce2p", "fc_densenet", "fcn8", "mc_unet", "pspsegnet", "r2unet", "segnet",
                      "udnet", "unet"]
 CLASSIFIERS = ["dcrn", "densenet"]
+INSTANCE = ["maskrcnn"]  # static square input, outputs [boxes, scores, masks]
 # Small widths keep the shared tests fast; the paper configurations are checked by count.
 SMALL = {"unet": {"filters": 4, "depth": 3}, "segnet": {"filters": 4, "depth": 3},
          "r2unet": {"filters": 4, "depth": 3}, "udnet": {"filters": 4, "depth": 3},
@@ -21,7 +22,9 @@ SMALL = {"unet": {"filters": 4, "depth": 3}, "segnet": {"filters": 4, "depth": 3
          "fc_densenet": {"layers_per_block": 2, "growth_rate": 4, "first_filters": 8},  # 5 poolings, as the paper
          "pspsegnet": {"backbone": "resnet50", "width": 4},  # dilated ResNet-50, output stride 8
          "ce2p": {"backbone": "resnet50", "width": 4},
-         "bayesnuseg": {"filters": 4, "depth": 3}}
+         "bayesnuseg": {"filters": 4, "depth": 3},
+         "maskrcnn": {"backbone": "resnet50", "width": 0.125, "max_detections": 8, "rpn_pre_nms": 64,
+                      "rpn_post_nms": 32}}
 PAPER_PARAMETERS = {
     "r2unet": 0.98e6, "udnet": 1.04e6, "dcrn": 1.22e6,
     # Jegou et al. 2017: FC-DenseNet103 9.4 M.
@@ -45,10 +48,10 @@ PAPER_PARAMETERS = {
 OUTPUT_CHANNELS = {"bayesnuseg": 4}
 
 
-def test_registry_lists_the_twelve_families():
-    assert models.available() == ["bayesnuseg", "ce2p", "dcrn", "densenet", "fc_densenet", "fcn8", "mc_unet",
-                                  "pspsegnet", "r2unet", "segnet", "udnet", "unet"]
-    assert sorted(SEGMENTATION_LIKE + CLASSIFIERS) == models.available()  # every family is in the shared tests
+def test_registry_lists_the_thirteen_families():
+    assert models.available() == ["bayesnuseg", "ce2p", "dcrn", "densenet", "fc_densenet", "fcn8", "maskrcnn",
+                                  "mc_unet", "pspsegnet", "r2unet", "segnet", "udnet", "unet"]
+    assert sorted(SEGMENTATION_LIKE + CLASSIFIERS + INSTANCE) == models.available()  # all in the shared tests
 
 
 def test_unknown_name_is_a_clear_error():
@@ -102,8 +105,8 @@ def test_classifiers_output_class_probabilities(name, channels):
 
 @pytest.mark.parametrize("name", models.available())
 def test_save_load_round_trip_in_safe_mode(name, tmp_path):
-    shape = (32, 32, 3)
-    model = models.build(name, input_shape=(None, None, 3) if name not in CLASSIFIERS else shape,
+    shape = (64, 64, 3) if name in INSTANCE else (32, 32, 3)
+    model = models.build(name, input_shape=shape if name in CLASSIFIERS + INSTANCE else (None, None, 3),
                          **SMALL[name])
     x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     path = tmp_path / f"{name}.keras"
@@ -117,20 +120,27 @@ def test_save_load_round_trip_in_safe_mode(name, tmp_path):
             for sub in layer.layers:
                 if isinstance(sub, models.MCDropout):
                     sub.rate = 0.0
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    for ours, theirs in zip(_outputs(loaded.predict(x, verbose=0)), _outputs(model.predict(x, verbose=0))):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def _outputs(value):
+    """A model's output(s) as a list (instance models have several)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @pytest.mark.parametrize("name", models.available())
 def test_mixed_precision_build_emits_float32(name):
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
-        shape = (32, 32, 3) if name in CLASSIFIERS else (None, None, 3)
+        shape = (32, 32, 3) if name in CLASSIFIERS else (64, 64, 3) if name in INSTANCE else (None, None, 3)
         model = models.build(name, input_shape=shape, **SMALL[name])
         assert model.layers[1].compute_dtype == "float16" or any(
             layer.compute_dtype == "float16" for layer in model.layers)
-        out = model.predict(np.random.rand(1, 32, 32, 3).astype("float32"), verbose=0)
-        assert out.dtype == np.float32
-        assert model.output.dtype == "float32"
+        side = 64 if name in INSTANCE else 32
+        out = model.predict(np.random.rand(1, side, side, 3).astype("float32"), verbose=0)
+        assert all(o.dtype == np.float32 for o in _outputs(out))
+        assert all(t.dtype == "float32" for t in _outputs(model.output))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 

@@ -2,8 +2,8 @@
 
 >>> from kerasnuc import models
 >>> models.available()
-['bayesnuseg', 'ce2p', 'dcrn', 'densenet', 'fc_densenet', 'fcn8', 'mc_unet', 'pspsegnet', 'r2unet',
- 'segnet', 'udnet', 'unet']
+['bayesnuseg', 'ce2p', 'dcrn', 'densenet', 'fc_densenet', 'fcn8', 'maskrcnn', 'mc_unet', 'pspsegnet',
+ 'r2unet', 'segnet', 'udnet', 'unet']
 >>> model = models.build("unet", input_shape=(None, None, 3), filters=16)
 """
 
@@ -15,6 +15,8 @@ from kerasnuc.models.fc_densenet import build_fc_densenet
 from kerasnuc.models.fcn import build_fcn8
 from kerasnuc.models.layers import MaxPoolingWithIndices, MaxUnpoolingWithIndices, MCDropout
 from kerasnuc.models.ce2p import build_ce2p
+from kerasnuc.models.maskrcnn import CUSTOM_OBJECTS as _MASKRCNN_OBJECTS
+from kerasnuc.models.maskrcnn import build_maskrcnn
 from kerasnuc.models.mc_unet import build_mc_unet
 from kerasnuc.models.psp import AdaptiveAveragePooling2D, BilinearResizeLike
 from kerasnuc.models.pspsegnet import build_pspsegnet
@@ -37,6 +39,7 @@ _REGISTRY = {
     "ce2p": (build_ce2p, "segmentation", "CE2P (Self-Correction's net): ResNet-101, PSP, edge, fusion"),
     "fcn8": (build_fcn8, "segmentation", "FCN-8s on a VGG-16 encoder (pool3/pool4 skip fusion)"),
     "fc_densenet": (build_fc_densenet, "segmentation", "FC-DenseNet (Tiramisu) 103, 67 or 56"),
+    "maskrcnn": (build_maskrcnn, "instance", "Mask R-CNN (NucSeg): ResNet-101 FPN, nucleus anchors, 28x28 masks"),
 }
 
 # Layers that must be known when a .keras file is loaded in safe mode.
@@ -46,6 +49,7 @@ CUSTOM_OBJECTS = {
     "kerasnuc>MCDropout": MCDropout,
     "kerasnuc>AdaptiveAveragePooling2D": AdaptiveAveragePooling2D,
     "kerasnuc>BilinearResizeLike": BilinearResizeLike,
+    **_MASKRCNN_OBJECTS,
 }
 
 
@@ -55,7 +59,7 @@ def available():
 
 
 def task_of(name):
-    """The task a family is built for: segmentation, detection or classification."""
+    """The task a family is built for: segmentation, detection, classification or instance."""
     return _entry(name)[1]
 
 

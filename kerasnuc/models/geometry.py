@@ -7,7 +7,8 @@ prediction engine, the model checks and the exports all ask :func:`input_multipl
 """
 
 # families whose encoder fixes the down-sampling (five stride-2 stages: 32)
-FIXED_MULTIPLES = {"fcn8": 32, "fc_densenet": 32, "pspsegnet": 32, "ce2p": 32}
+FIXED_MULTIPLES = {"fcn8": 32, "fc_densenet": 32, "pspsegnet": 32, "ce2p": 32,
+                   "maskrcnn": 64}  # Mask R-CNN: P6 has stride 64
 
 
 def input_multiple(name, model_config=None):
