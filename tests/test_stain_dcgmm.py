@@ -20,7 +20,7 @@ SOURCE = os.path.join(MONUSEG, "TCGA-18-5592-01Z-00-DX1.png")  # lung, the most 
 CROP = 500
 
 # Measured on the 500 x 500 crops with the 120-step network below: Macenko H, E angles to the
-# template 16.5 / 11.2 deg before, 2.0 / 6.2 deg after (a 2000-step network, CLI defaults: see the README).
+# template 16.5 / 11.2 deg before, 2.0 / 6.2 deg after.
 needs_monuseg = pytest.mark.skipif(not os.path.isdir(MONUSEG), reason=f"MoNuSeg images not found at {MONUSEG}")
 
 
@@ -233,6 +233,21 @@ def test_json_round_trip_gives_identical_output(normalizer, trained, source):
     from_folder = stain.normalizer_from_dict(record)
     assert from_folder.is_fitted and from_folder.model == str(out / "model.keras")
     assert not np.array_equal(from_folder.transform(tile), tile)
+
+
+@needs_monuseg
+def test_normalize_command_applies_a_stored_normaliser(trained, source, tmp_path):
+    from kerasnuc.data.imageio import read_image, write_png_atomic
+    from kerasnuc.data.stain.__main__ import main
+
+    out, record = trained
+    write_png_atomic(str(tmp_path / "tile.png"), source[:160, :192])
+    assert main(["normalize", "--stain", str(out / "dcgmm.json"), "--out-dir", str(tmp_path / "out"),
+                 str(tmp_path / "tile.png")]) == 0
+    expected = stain.normalizer_from_dict(record).transform(source[:160, :192])
+    np.testing.assert_array_equal(read_image(str(tmp_path / "out" / "tile.png"), channels=3), expected)
+    assert main(["normalize", "--stain", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path),
+                 str(tmp_path / "tile.png")]) == 1
 
 
 @needs_monuseg
