@@ -44,6 +44,20 @@ PUBLISHED = {
 }
 
 
+def _nucseg_published():
+    """NucSeg's own row (Jung, Lodhi & Kang 2019; Mask R-CNN + DCGMM colour normalisation +
+    multiple inference, MOSID) from bench/nucseg_ablation.py, where the four ablation rows live."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nucseg_ablation", os.path.join(HERE, "nucseg_ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [(metric, module.PUBLISHED["NucSeg"][metric], module.PUBLISHED_SOURCE) for metric in module.METRICS]
+
+
+PUBLISHED[("instance", "monuseg", "maskrcnn")] = _nucseg_published()
+
+
 def dataset_key(spec):
     return spec.split(":", 1)[0] if ":" in spec else spec
 

@@ -304,3 +304,42 @@ def test_object_scores_at_dice_02():
     assert report["recall_dice02"] == pytest.approx(1 / 2)
     assert report["f1_dice02"] == pytest.approx(2 / 5)
     assert report["f1"] == 0.0  # nothing reaches IoU > 0.5
+
+
+# ----------------------------------------------------------------------------- the ablation harness
+
+
+def test_nucseg_ablation_harness_writes_four_rows_beside_the_published(tmp_path, monuseg_crop):
+    import importlib.util
+
+    import cv2
+    import keras
+
+    from kerasnuc import models
+    from kerasnuc.runs import write_run
+
+    folder = tmp_path / "crop"
+    for kind, array in zip(("images", "labels"), (monuseg_crop[0][..., ::-1], monuseg_crop[1].astype(np.uint16))):
+        os.makedirs(folder / kind)
+        cv2.imwrite(str(folder / kind / f"{TILE}.png"), np.ascontiguousarray(array))
+    keras.utils.set_random_seed(0)
+    model = models.build("unet", input_shape=(None, None, 3), filters=4, depth=2)
+    run = write_run(str(tmp_path / "run"), model, task="segmentation", model_name="unet",
+                    model_config={"filters": 4, "depth": 2}, data=f"folder:{folder}",
+                    split={"train": [], "val": [], "test": [TILE]},
+                    postprocess={"threshold": 0.5, "min_distance": 3, "min_area": 10})
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "nucseg_ablation.py")
+    spec = importlib.util.spec_from_file_location("nucseg_ablation", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    result = harness.main([run, run, "--results", str(tmp_path / "results"), "--name", "ablation"])
+    rows = {row["row"]: row for row in result["rows"]}
+    assert list(rows) == ["NucSeg", "NucSeg-P", "NucSeg-N", "NucSeg-NP"]
+    assert rows["NucSeg"]["multiple_inference"] and not rows["NucSeg-P"]["multiple_inference"]
+    assert rows["NucSeg"]["mean"] == rows["NucSeg-N"]["mean"]  # the same run twice: same figures
+    # TCGA-18-5592 is one of Kumar's training tiles: in neither test set
+    assert rows["NucSeg-P"]["groups"] == {"same_organ": None, "different_organ": None}
+    assert rows["NucSeg-P"]["images"] == 1 and 0.0 <= rows["NucSeg-P"]["mean"]["f1_dice02"] <= 1.0
+    text = open(tmp_path / "results" / "ablation.md").read()
+    assert "| NucSeg-NP |" in text and "published precision / recall / F1 / Dice / AJI" in text
+    assert set(json.load(open(tmp_path / "results" / "ablation.json"))["published"]) == set(rows)
