@@ -26,6 +26,11 @@ classification
     ``serving_default``: ``image`` uint8 [batch, patch, patch, 1 or 3] nucleus patches ->
     ``probabilities`` [batch, classes], ``class_index`` int64 [batch]; ``with_range`` as above
     (training normalised patches by their whole image's range).
+instance (Mask R-CNN)
+    ``serving_default``: ``image`` uint8 [batch, S, S, 1 or 3] tiles of the model's fixed input
+    size S (metadata ``input_size``) -> ``boxes`` float32 [batch, D, 4] (y1, x1, y2, x2) in tile
+    pixels, ``scores`` [batch, D] (0 for padding rows), ``masks`` [batch, D, m, m]
+    box-relative probabilities; ``with_range`` as above (the engine's tiles of a larger image).
 Monte-Carlo dropout models
     ``uncertainty`` (and ``uncertainty_with_range``): T stochastic passes in the graph
     (``tf.map_fn``) -> ``mean`` and ``variance`` (population variance over the passes).
@@ -126,6 +131,8 @@ def make_predict(model, meta):
 
     def predict(image, value_range=None):
         x = normalize(image, channels, value_range)
+        if meta["task"] == "instance":  # fixed-size tiles in, (boxes, scores, masks) out
+            return [tf.cast(out, tf.float32) for out in model(x, training=False)]
         if meta["task"] == "classification":
             return tf.cast(model(x, training=False), tf.float32)
         padded, height, width = pad_to_multiple(x, multiple)
@@ -144,11 +151,18 @@ def add_signatures(archive, model, meta, mc_samples):
     if classify:
         size = meta["patch"]
         image_spec = tf.TensorSpec([None, size, size, None], tf.uint8, name=INPUT_KEY)
+    elif meta["task"] == "instance":
+        height, width = meta["input_size"]
+        image_spec = tf.TensorSpec([None, height, width, None], tf.uint8, name=INPUT_KEY)
     else:
         image_spec = tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUT_KEY)
     range_spec = tf.TensorSpec([None, 2], tf.float32, name=RANGE_KEY)
 
     def outputs(result):
+        if meta["task"] == "instance":
+            from kerasnuc.predict.detections import OUTPUTS
+
+            return dict(zip(OUTPUTS, result))
         if classify:
             return {"probabilities": result, "class_index": tf.argmax(result, axis=-1)}
         return {"maps": result}

@@ -366,6 +366,8 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
         return {"split": split, "images": len(records), "mc_samples": samples, "summary": summary,
                 "per_image": []}
 
+    if task == "instance":
+        return _evaluate_instances(lite, model, meta, records, split, repeats)
     keras_engine = _keras_engine(model, meta)
     for record in records:
         keras_map, _ = keras_engine.predict_maps(record.image, tile=0, samples=samples)
@@ -415,6 +417,48 @@ def evaluate(path, model, run_dir, meta, repeats=3, threads=None, max_images=Non
     if lite.tiles_fixed:
         result["static_tiles"] = {"tile": list(lite.static_shape), "margin": lite.static_margin()}
     return result
+
+
+def _evaluate_instances(lite, model, meta, records, split, repeats):
+    """Agreement of an instance (Mask R-CNN) .tflite with the Keras model: both through the
+    engine (tiles of the fixed input, detections -> labels), the nuclei compared (Dice, object
+    F1), each against the truth (AJI), the largest score difference on the first tile, and the
+    LiteRT latency of one tile."""
+    from kerasnuc import metrics
+    from kerasnuc.predict.engine import Predictor
+
+    keras_engine, lite_engine = _keras_engine(model, meta), Predictor(lite)
+    rows = []
+    for record in records:
+        keras_labels = keras_engine.predict_instances(record.image)[0]
+        lite_labels = lite_engine.predict_instances(record.image)[0]
+        row = {"name": record.name, "shape": list(record.image.shape[:2]),
+               "nuclei_keras": int(keras_labels.max()), "nuclei_tflite": int(lite_labels.max()),
+               "dice_vs_keras": float(metrics.pixel_dice(keras_labels > 0, lite_labels > 0)),
+               "object_f1_vs_keras": float(metrics.object_scores(keras_labels, lite_labels)["f1"])}
+        if record.labels is not None:
+            row["aji_keras"] = float(metrics.aggregated_jaccard_index(record.labels, keras_labels))
+            row["aji_tflite"] = float(metrics.aggregated_jaccard_index(record.labels, lite_labels))
+        rows.append(row)
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in (rows[0] if rows else {})
+               if isinstance(rows[0][k], (int, float))}
+    if records:
+        from kerasnuc.predict.detections import split_outputs
+
+        plan, pad = keras_engine.plan_for(*records[0].image.shape[:2])
+        from kerasnuc.intensity import normalize_image
+
+        tile = plan.extract(pad(normalize_image(records[0].image, meta["channels"])), [0])
+        keras_out = split_outputs(keras_engine.runtime.run(tile))
+        lite_out = split_outputs(lite.run(tile))
+        summary["max_abs_diff_scores"] = float(np.abs(keras_out[1] - lite_out[1]).max())
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            lite.run(tile)
+            times.append(time.perf_counter() - started)
+        summary["latency_ms_per_tile"] = 1000 * float(np.median(times))
+    return {"split": split, "images": len(rows), "mc_samples": 1, "summary": summary, "per_image": rows}
 
 
 def normalize_padded(image, meta):

@@ -125,6 +125,8 @@ class FitConfig:
             raise ValueError(f"task must be one of {TASKS}, got '{self.task}'")
         if self.model not in models.available():
             raise ValueError(f"unknown model '{self.model}'; available: {', '.join(models.available())}")
+        if (models.task_of(self.model) == "instance") != (self.task == "instance"):
+            raise ValueError(f"model '{self.model}' is a {models.task_of(self.model)} model, task is '{self.task}'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         from kerasnuc.data.validation import InputPolicy
@@ -231,6 +233,12 @@ def resolve(file_values=None, overrides=None):
                 values[key] = {**values[key], **value}
             else:
                 values[key] = value
+    given_task = any((source or {}).get("task") is not None for source in (file_values, overrides))
+    if not given_task:  # an instance family (Mask R-CNN) trains as the instance task without --task
+        from kerasnuc import models
+
+        if values["model"] in models.available() and models.task_of(values["model"]) == "instance":
+            values["task"] = "instance"
     return FitConfig(**values).validate()
 
 

@@ -54,7 +54,8 @@ class InstanceDataset(EmbeddingDataset):
 
     def __getitem__(self, index):
         x, ids = super().__getitem__(index)
-        targets = [self.training_targets(crop[..., 0].astype(np.int32), self.model_config) for crop in ids]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])  # anchor sampling, reproducible
+        targets = [self.training_targets(crop[..., 0].astype(np.int32), self.model_config, rng) for crop in ids]
         batch = {name: np.stack([t[name] for t in targets]) for name in targets[0]}
         return ({"image": x.astype(np.float32), **batch},)
 
@@ -65,7 +66,7 @@ def build(config):
     from training.optimizers import make_optimizer
 
     model = models.build(config.model, **model_config_of(config))
-    trainer = build_trainer(model, **dict(config.model_config))
+    trainer = build_trainer(model, seed=config.seed, **model_config_of(config))
     trainer.compile(optimizer=make_optimizer(config))
     return model, trainer
 
