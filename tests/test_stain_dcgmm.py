@@ -228,6 +228,10 @@ def test_json_round_trip_gives_identical_output(normalizer, trained, source):
     assert type(restored) is stain.DCGMMNormalizer
     tile = source[:256, :200]
     np.testing.assert_array_equal(restored.transform(tile), normalizer.transform(tile))
+    # what serving.edge does with an exported run's metadata
+    from serving.edge import _apply_stain
+
+    np.testing.assert_array_equal(_apply_stain({"stain": stored}, tile), normalizer.transform(tile))
     # the folder's dcgmm.json is a fitted normaliser too (fitted on the whole template)
     out, record = trained
     from_folder = stain.normalizer_from_dict(record)
@@ -277,6 +281,26 @@ def test_bad_model_path_names_the_file(tmp_path):
     normalizer = stain.make_normalizer("dcgmm", model=str(junk))
     with pytest.raises(ValueError, match=f"{junk}.*not a readable Keras model"):
         normalizer.fit(np.random.default_rng(0).integers(0, 200, (64, 64, 3), dtype=np.uint8))
+
+
+def test_train_command_checks_its_inputs_before_training(tmp_path, capsys):
+    from kerasnuc.data.imageio import write_png_atomic
+    from kerasnuc.data.stain.__main__ import main
+
+    blank = str(tmp_path / "blank.png")
+    write_png_atomic(blank, np.full((64, 64, 3), 255, np.uint8))
+    assert main(["train-dcgmm", "--data", str(tmp_path), "--template", blank, "--out", str(tmp_path / "o")]) == 1
+    assert f"template {blank}: too little tissue" in capsys.readouterr().err
+    tissue = str(tmp_path / "tissue.png")
+    write_png_atomic(tissue, np.random.default_rng(0).integers(40, 200, (64, 64, 3), dtype=np.uint8))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train-dcgmm", "--data", str(empty), "--template", tissue, "--out", str(tmp_path / "o")]) == 1
+    assert f"{empty}: no images" in capsys.readouterr().err
+    assert main(["train-dcgmm", "--data", str(tmp_path), "--template", tissue, "--out", str(tmp_path / "o"),
+                 "--tile", "128"]) == 1
+    assert "no RGB images of at least 128 x 128 pixels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_stain_package_imports_without_keras():

@@ -21,9 +21,15 @@ PROG = "python -m kerasnuc.data.stain"
 
 def _train(args):
     from kerasnuc.data.imageio import read_image
+    from kerasnuc.data.stain.core import StainNormalizer
     from kerasnuc.data.stain.dcgmm_train import JSON_FILE, read_unlabelled, train_dcgmm, write_dcgmm
 
-    template = read_image(args.template, channels=3)  # first: a bad template fails before training
+    # the inputs first: a template without tissue or a bad data path fails before training
+    template = read_image(args.template, channels=3)
+    try:
+        StainNormalizer()._tissue(template)
+    except ValueError as error:
+        raise ValueError(f"template {args.template}: {error}") from None
     images = read_unlabelled(args.data, min_side=args.tile)
     print(f"{PROG} train-dcgmm: {len(images)} images from {args.data}", flush=True)
     network, summary = train_dcgmm(
