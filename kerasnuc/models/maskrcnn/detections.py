@@ -15,6 +15,13 @@ from kerasnuc.models.maskrcnn.float32 import Float32Layer
 from kerasnuc.models.maskrcnn.nms import non_max_suppression
 
 
+def best_along_last(x):
+    """(max, int32 argmax) over the last axis by ``top_k``: Keras' TensorFlow ``argmax`` emits a
+    BitwiseAnd that TFLite's builtin ops lack."""
+    value, index = ops.top_k(x, 1)
+    return value[..., 0], ops.cast(index[..., 0], "int32")
+
+
 @keras.saving.register_keras_serializable(package="kerasnuc")
 class DetectionLayer(Float32Layer):
     """[rois (B, R, 4), class_logits (B, R, K+1), deltas (B, R, K+1, 4)]
@@ -30,9 +37,9 @@ class DetectionLayer(Float32Layer):
     def call(self, inputs):
         rois, logits, deltas = (ops.cast(t, "float32") for t in inputs)
         probs = ops.softmax(logits, axis=-1)[..., 1:]
-        class_ids = ops.argmax(probs, axis=-1) + 1
-        scores = ops.max(probs, axis=-1)
-        chosen = ops.take_along_axis(deltas, ops.cast(class_ids, "int32")[..., None, None], axis=2)[:, :, 0]
+        scores, class_ids = best_along_last(probs)
+        class_ids = class_ids + 1
+        chosen = ops.take_along_axis(deltas, class_ids[..., None, None], axis=2)[:, :, 0]
         boxes = clip_boxes(decode(rois, chosen), self.image_size)
         area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
         roi_area = (rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1])
@@ -41,7 +48,7 @@ class DetectionLayer(Float32Layer):
         keep, kept = non_max_suppression(boxes + shift, scores, self.max_detections, self.nms_threshold, valid)
         boxes = ops.take_along_axis(boxes, keep[..., None], axis=1) * kept[..., None]
         scores = ops.take_along_axis(scores, keep, axis=1) * kept
-        class_ids = ops.take_along_axis(ops.cast(class_ids, "int32"), keep, axis=1) * ops.cast(kept, "int32")
+        class_ids = ops.take_along_axis(class_ids, keep, axis=1) * ops.cast(kept, "int32")
         return boxes, scores, class_ids
 
     def compute_output_shape(self, input_shapes):

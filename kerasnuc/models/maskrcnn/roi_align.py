@@ -64,9 +64,10 @@ def bilinear_gather(table, y, x, height, width, offset):
     return top * (1.0 - wy) + bottom * wy
 
 
-def bin_points(starts, lengths, points):
-    """Evenly spaced sample positions (..., points): start + (k + 0.5) * length / points."""
-    fractions = (ops.cast(ops.arange(points), "float32") + 0.5) / points
+def bin_points(starts, lengths, bins, sub=0, samples=1):
+    """Sample positions (..., bins): point ``sub`` of ``samples`` evenly spaced ones in each of
+    ``bins`` equal bins of [start, start + length): start + (k + (sub + 0.5) / samples) * length / bins."""
+    fractions = (ops.cast(ops.arange(bins), "float32") + (sub + 0.5) / samples) / bins
     return starts[..., None] + lengths[..., None] * fractions
 
 
@@ -90,7 +91,6 @@ class RoIAlign(Float32Layer):
         boxes = ops.stop_gradient(ops.cast(boxes, "float32"))
         levels = [ops.cast(level, "float32") for level in levels]
         channels = levels[0].shape[-1]
-        rois = boxes.shape[1]
         batch = ops.shape(levels[0])[0]
         sizes = [(level.shape[1], level.shape[2]) for level in levels]
         table = ops.concatenate([ops.reshape(level, (-1, channels)) for level in levels], axis=0)
@@ -106,14 +106,16 @@ class RoIAlign(Float32Layer):
         image = ops.arange(batch, dtype="int32")[:, None]
         offset = (batch * ops.take(ops.convert_to_tensor(starts, "int32"), level)
                   + image * height * width)
-        points = self.pool_size * self.sampling_ratio
-        ys = bin_points(boxes[..., 0], boxes[..., 2] - boxes[..., 0], points) / stride[..., None] - 0.5
-        xs = bin_points(boxes[..., 1], boxes[..., 3] - boxes[..., 1], points) / stride[..., None] - 0.5
-        values = bilinear_gather(table, ys[..., :, None], xs[..., None, :], height[..., None, None],
-                                 width[..., None, None], offset[..., None, None])
         p, s = self.pool_size, self.sampling_ratio
-        values = ops.reshape(values, (-1, rois, p, s, p, s, channels))
-        return ops.mean(values, axis=(3, 5))
+        # one gather per sub-position of the bins, summed: no rank-7 reshape (TFLite kernels stop at 6)
+        total = 0.0
+        for sy in range(s):
+            ys = bin_points(boxes[..., 0], boxes[..., 2] - boxes[..., 0], p, sy, s) / stride[..., None] - 0.5
+            for sx in range(s):
+                xs = bin_points(boxes[..., 1], boxes[..., 3] - boxes[..., 1], p, sx, s) / stride[..., None] - 0.5
+                total = total + bilinear_gather(table, ys[..., :, None], xs[..., None, :], height[..., None, None],
+                                                width[..., None, None], offset[..., None, None])
+        return total / float(s * s)
 
     def compute_output_shape(self, input_shapes):
         boxes, first = input_shapes[0], input_shapes[1]

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from kerasnuc.models.maskrcnn.boxes import encode, iou
+from kerasnuc.models.maskrcnn.detections import best_along_last
 from kerasnuc.models.maskrcnn.float32 import Float32Layer
 from kerasnuc.models.maskrcnn.roi_align import bilinear_gather, bin_points
 
@@ -77,8 +78,7 @@ class RegionSampler(Float32Layer):
         real = area > 0
         overlaps = iou(candidates, gt_boxes)
         overlaps = ops.where((gt_class_ids > 0)[:, None, :], overlaps, -1.0)
-        best = ops.max(overlaps, axis=-1)
-        matched = ops.cast(ops.argmax(overlaps, axis=-1), "int32")
+        best, matched = best_along_last(overlaps)
         positive = ops.logical_and(real, best >= POSITIVE_IOU)
         negative = ops.logical_and(real, best < POSITIVE_IOU)
         keys = keras.random.uniform(ops.shape(best), seed=self.seed_generator)
