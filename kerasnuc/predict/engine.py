@@ -391,6 +391,8 @@ class Predictor:
 
     def inference_views(self):
         """The dihedral views of multiple inference (the original first), or None when it is off."""
+        if self.multiple_inference is None or self.multiple_inference is False:
+            return None
         from kerasnuc.predict.postprocess import multiple_inference_module
 
         views = multiple_inference_module().multiple_inference_views(self.multiple_inference)
