@@ -32,8 +32,9 @@ MONUSEG_ORGANS = {
 }
 """Organ of a MoNuSeg 2018 training tile by the TCGA tissue-source-site code of its name
 (``TCGA-<site>-<participant>-...``), as the MoNuSeg organisers' data page (organ and disease
-type per image) and Kumar et al., IEEE TMI 36(7) 2017 (section II, the 30 images of 7 organs)
-give it. Note: the organisers and Kumar et al. call the five sites 18, 21, 38, 49 and 50
+type per image; the same organs are the ``tissue`` column of the RationAI/MoNuSeg mirror of the
+challenge data on Hugging Face) and Kumar et al., IEEE TMI 36(7) 2017 (the 30 images of 7 organs
+and their split) give it. Note: the organisers and Kumar et al. call the five sites 18, 21, 38, 49 and 50
 "liver", but these are TCGA lung projects (18, 21: LUSC; 38, 49, 50: LUAD), as the organisers'
 own disease-type column says (lung squamous cell / adenocarcinoma); the name is kept so the
 split matches the papers that use it."""
