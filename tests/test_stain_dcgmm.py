@@ -279,8 +279,15 @@ def test_bad_model_path_names_the_file(tmp_path):
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"not a zip")
     normalizer = stain.make_normalizer("dcgmm", model=str(junk))
+    tissue = np.random.default_rng(0).integers(0, 200, (64, 64, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=f"{junk}.*not a readable Keras model"):
-        normalizer.fit(np.random.default_rng(0).integers(0, 200, (64, 64, 3), dtype=np.uint8))
+        normalizer.fit(tissue)
+    from kerasnuc.models.unet import build_unet
+
+    rgb_model = tmp_path / "segmentation.keras"
+    build_unet(filters=2, depth=1, out_channels=3).save(rgb_model)  # a Keras model, but RGB in
+    with pytest.raises(ValueError, match=f"{rgb_model} is not a DCGMM E-step network"):
+        stain.make_normalizer("dcgmm", model=str(rgb_model)).fit(tissue)
 
 
 def test_train_command_checks_its_inputs_before_training(tmp_path, capsys):
