@@ -125,3 +125,116 @@ def test_instances_from_tiles_changes_thresholds_without_the_network(shared_data
     loose = instances_from_tiles(found, runtime.meta["postprocess"])
     strict = instances_from_tiles(found, {**runtime.meta["postprocess"], "score_threshold": 0.999})
     assert loose.max() > 20 and 0 < strict.max() < loose.max()
+
+
+# ---------------------------------------------------------------------------- training.fit -> engine -> exports
+
+DSB = "dsb2018/stage1_train"
+TINY = {"model": "maskrcnn", "tile": 128, "batch_size": 2, "steps_per_epoch": 3, "epochs": 1,
+        "optimizer": "sgd", "learning_rate": 1e-3, "val_fraction": 0.2, "test_fraction": 0.2, "seed": 0,
+        "model_config": {"backbone": "resnet50", "width": 0.125, "max_detections": 64, "rpn_pre_nms": 256,
+                         "rpn_post_nms": 128, "max_instances": 64, "train_rois": 32, "rpn_train_anchors": 64}}
+
+
+@pytest.fixture(scope="module")
+def dsb_run(tmp_path_factory, shared_data):
+    """A tiny Mask R-CNN trained for three steps on five DSB 2018 images (one val, one test)."""
+    from training import fit
+    from training.config import resolve
+
+    root = tmp_path_factory.mktemp("maskrcnn")
+    source = os.path.join(shared_data, DSB)
+    names = sorted(os.listdir(os.path.join(source, "images")))[:5]
+    for folder in ("images", "labels"):
+        os.makedirs(root / "dsb" / folder)
+        for name in names:
+            os.symlink(os.path.join(source, folder, name), root / "dsb" / folder / name)
+    config = resolve(overrides={**TINY, "data": f"dsb2018:{root / 'dsb'}", "out": str(root / "run")})
+    assert config.task == "instance"  # the family's task, without --task
+    return fit.run(config, log=lambda message: None)
+
+
+def test_fit_writes_an_instance_run_scored_through_the_engine(dsb_run):
+    import keras
+
+    import kerasnuc
+    from kerasnuc import metrics
+    from kerasnuc.runs import records_of_split
+
+    assert {"config.json", "split.json", "model.keras", "history.csv", "curves.png", "thresholds.json",
+            "metrics.json", "overlay.png"} <= set(os.listdir(dsb_run))
+    thresholds = json.load(open(os.path.join(dsb_run, "thresholds.json")))
+    post = thresholds["postprocess"]
+    assert thresholds["task"] == "instance" and thresholds["tuned_on"] == "val"
+    assert {"score_threshold", "mask_threshold", "min_area"} <= set(post)
+    result = json.load(open(os.path.join(dsb_run, "metrics.json")))
+    assert result["images"] == 1 and result["epochs"] == 1
+    for key in ("dice", "aji", "pq", "f1", "precision", "recall"):
+        assert 0.0 <= result["mean"][key] <= 1.0
+    assert result["mean"]["dice"] > 0.0  # the engine found nuclei where there are nuclei
+    history = open(os.path.join(dsb_run, "history.csv")).readline()
+    for name in ("rpn_class_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss", "val_loss"):
+        assert name in history
+
+    import kerasnuc.models  # noqa: F401  (registers the layers)
+
+    saved = keras.saving.load_model(os.path.join(dsb_run, "model.keras"), safe_mode=True)
+    assert saved.output_names == ["boxes", "scores", "masks"]  # the inference model, not the trainer
+    # kerasnuc.load gives the held-out score metrics.json reports: evaluation went through the engine
+    predictor = kerasnuc.load(dsb_run)
+    assert predictor.task == "instance" and predictor.meta["postprocess"]["score_threshold"] == post["score_threshold"]
+    record = records_of_split(dsb_run, "test")[0]
+    labels, table = predictor.predict_instances(record.image)
+    assert labels.shape == record.labels.shape and len(table["id"]) == labels.max()
+    assert metrics.aggregated_jaccard_index(record.labels, labels) == pytest.approx(
+        result["per_image"][0]["aji"], abs=1e-6)
+    with pytest.raises(ValueError, match="predict_instances"):
+        predictor.predict_maps(record.image)
+
+
+def test_cli_writes_geojson_and_measurements(dsb_run, tmp_path):
+    from kerasnuc.predict.__main__ import main
+    from kerasnuc.runs import records_of_split
+
+    record = records_of_split(dsb_run, "test")[0]
+    images = os.path.join(json.load(open(os.path.join(dsb_run, "config.json")))["data"].split(":", 1)[1], "images")
+    source = os.path.join(images, next(n for n in os.listdir(images) if os.path.splitext(n)[0] == record.name))
+    main([dsb_run, source, "--out", str(tmp_path), "--format", "labels,geojson,csv"])
+    written = sorted(os.listdir(tmp_path))
+    assert any(name.endswith(".geojson") for name in written) and any(name.endswith(".csv") for name in written)
+    geojson = json.load(open(tmp_path / next(n for n in written if n.endswith(".geojson"))))
+    rows = open(tmp_path / next(n for n in written if n.endswith(".csv"))).read().splitlines()
+    assert len(geojson["features"]) == len(rows) - 1 > 0
+    assert "area" in rows[0] and "solidity" in rows[0]
+
+
+def test_saved_model_and_tflite_give_the_keras_instances(dsb_run, tmp_path):
+    from export.saved_model import export_saved_model
+    from export.tflite import export_tflite
+    from kerasnuc import metrics
+    from kerasnuc.predict.engine import load
+    from kerasnuc.runs import records_of_split
+    from serving.server import create_server
+
+    record = records_of_split(dsb_run, "test")[0]
+    keras_labels = load(dsb_run).predict_instances(record.image)[0]
+    assert keras_labels.max() > 0
+
+    export_saved_model(dsb_run, str(tmp_path / "base"), log=lambda message: None)
+    server, port, registry = create_server(str(tmp_path / "base"), port=0, threads=2, poll_seconds=0.2,
+                                           log=lambda message: None)
+    try:
+        served = load(f"127.0.0.1:{port}", model_name="maskrcnn")
+        assert served.task == "instance" and served.static_shape == (128, 128)
+        served_labels = served.predict_instances(record.image)[0]
+    finally:
+        registry.stop()
+        server.stop(0)
+    assert metrics.object_scores(keras_labels, served_labels)["f1"] == 1.0
+    assert np.mean(keras_labels == served_labels) > 0.999
+
+    path, report = export_tflite(dsb_run, "float32", out=str(tmp_path / "maskrcnn.tflite"), max_images=1,
+                                 repeats=1, log=lambda message: None)
+    lite_labels = load(path).predict_instances(record.image)[0]
+    assert metrics.object_scores(keras_labels, lite_labels)["f1"] > 0.98
+    assert report["agreement"]["summary"]["object_f1_vs_keras"] > 0.98
