@@ -192,12 +192,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from kerasnuc.predict.postprocess import instances, points_from_maps
-    from serving.edge import _apply_stain, points_for, read_image, write_labels_png, write_points_csv
+    from serving.edge import points_for, read_image, write_labels_png, write_points_csv
 
     metadata = None
     if args.metadata:
         with open(args.metadata) as handle:
             metadata = json.load(handle)
+        if metadata.get("stain"):  # a dcgmm network travels beside kerasnuc.json (assets.extra)
+            from kerasnuc.data.stain import resolve_paths
+
+            try:
+                metadata["stain"] = resolve_paths(metadata["stain"], os.path.dirname(os.path.abspath(args.metadata)),
+                                                  where=args.metadata)
+            except (OSError, ValueError) as error:
+                sys.exit(f"serving.client: {error}")
     client = ServingClient(args.target, args.model, args.version, args.timeout, args.retries,
                            in_flight=args.in_flight, metadata=metadata)
     try:
@@ -207,8 +215,12 @@ def main(argv=None):
             sys.exit("serving.client: a classification model needs --points CSV|DIR")
         os.makedirs(args.out, exist_ok=True)
         started = time.perf_counter()
-        images = [(path, _apply_stain(meta, read_image(path))) for path in args.images]
+        images = [(path, read_image(path)) for path in args.images]
         engine = client.engine(args.batch)
+        try:  # the engine stain-normalises each image as training did (a dcgmm network needs its file)
+            engine.stain_normalizer
+        except (OSError, ValueError) as error:
+            sys.exit(f"serving.client: {error}; pass --metadata with the export's assets.extra/kerasnuc.json")
         post = meta.get("postprocess") or {}
         total_nuclei = 0
         for path, image in images:
@@ -223,6 +235,14 @@ def main(argv=None):
                                  [[int(c), names[int(c)], *(f"{p:.4f}" for p in probs)]
                                   for c, probs in zip(classes, probabilities)])
                 count, detail = len(points), f"{len(points)} nuclei classified"
+            elif task == "instance":  # Mask R-CNN: tiles of its fixed input, detections -> nuclei in the engine
+                before = client.requests
+                labels = engine.predict_instances(image, margin=args.margin)[0]
+                out = os.path.join(args.out, f"{stem}_labels.png")
+                write_labels_png(out, labels)
+                count = int(labels.max())
+                detail = (f"{count} nuclei, {image.shape[1]}x{image.shape[0]} px in "
+                          f"{client.requests - before} requests")
             else:
                 before = client.requests
                 maps, variance = engine.predict_maps(image, args.tile, args.margin)

@@ -46,7 +46,7 @@ from kerasnuc.predict import Predictor
 from kerasnuc.predict.litert import LiteModel, load_metadata  # noqa: F401  (serving.edge.LiteModel)
 from kerasnuc.predict.postprocess import instance_centroids, instances, points_from_maps  # noqa: F401
 
-TASK_OF_COMMAND = {"segment": ("segmentation",), "detect": ("detection", "segmentation"),
+TASK_OF_COMMAND = {"segment": ("segmentation", "instance"), "detect": ("detection", "segmentation", "instance"),
                    "classify": ("classification",)}
 
 
@@ -107,15 +107,6 @@ def read_image(path):
 
 def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
-
-
-def _apply_stain(meta, image):
-    stain = meta.get("stain")
-    if not stain or image.ndim != 3 or image.shape[2] != 3:
-        return image
-    from kerasnuc.data.stain import normalizer_from_dict  # NumPy only
-
-    return normalizer_from_dict(stain).transform(image)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -194,7 +185,7 @@ def main(argv=None):
     times = []
     for path in args.images:
         try:
-            image = _apply_stain(meta, read_image(path))
+            image = read_image(path)  # the engine applies the export's stain normaliser (meta["stain"])
         except (OSError, ValueError) as error:
             sys.exit(f"serving.edge: {error}")
         stem = _stem(path)
@@ -202,7 +193,7 @@ def main(argv=None):
         if args.command == "classify":
             try:
                 points = points_for(args.points, path) if args.points else Predictor(detector).predict_points(
-                    _apply_stain(detector.meta, read_image(path)), args.tile, args.margin, samples=1)
+                    read_image(path), args.tile, args.margin, samples=1)
             except (OSError, ValueError) as error:
                 sys.exit(f"serving.edge: {error}")
             probabilities = model.classify(image, points, samples=samples)
@@ -215,6 +206,16 @@ def main(argv=None):
             write_points_csv(out, points, ["class", "name", *[f"p_{n}" for n in names]], extra)
             counts = {names[c]: int((classes == c).sum()) for c in range(len(names)) if (classes == c).any()}
             summary = f"{len(points)} nuclei classified {counts}"
+        elif meta["task"] == "instance":  # Mask R-CNN: the engine tiles, detections -> nuclei (no maps)
+            labels = Predictor(model).predict_instances(image, margin=args.margin)[0]
+            elapsed = time.perf_counter() - started
+            if args.command == "segment":
+                out = os.path.join(args.out, f"{stem}_labels.png")
+                write_labels_png(out, labels)
+            else:
+                out = os.path.join(args.out, f"{stem}_centroids.csv")
+                write_points_csv(out, instance_centroids(labels))
+            summary = f"{int(labels.max())} nuclei"
         else:
             maps, variance = model.predict_maps(image, args.tile, args.margin, samples)
             if args.command == "segment":
