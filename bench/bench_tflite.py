@@ -151,7 +151,7 @@ def main(argv=None):
     from kerasnuc.runs import load_model, records_of_split, run_metadata
     from export.tflite import export_tflite, machine_info
     from kerasnuc.data import load_dataset
-    from kerasnuc.predict.litert import LiteModel
+    from kerasnuc.predict.litert import LiteModel, load_metadata
 
     model = load_model(run)
     meta = run_metadata(run, model)
@@ -162,7 +162,7 @@ def main(argv=None):
         out = os.path.join(run, "export", f"bench_{quantize}.tflite")
         paths[quantize], reports[quantize] = export_tflite(run, quantize, out=out, calibration=args.calibration,
                                                            evaluate_model=False, log=log)
-    meta = json.load(open(os.path.splitext(paths["int8"])[0] + ".json"))
+    meta = load_metadata(paths["int8"])  # its stain model path resolved against its folder
 
     sets = {"run test split": records_of_split(run, "test")}
     eval_spec = args.eval_data

@@ -5,9 +5,9 @@
 RUN_WITH_DCGMM: a ``training.fit`` run trained on colour-normalised images (``"stain":
 {"method": "dcgmm", ...}``); RUN_WITHOUT: the same recipe without colour normalisation. Both
 should use the organ-wise MoNuSeg split (``"split": "monuseg_organ"``: NucSeg's MOSID, Kumar
-et al. 2017); the table says which split each run used. Each run's test images (read and
-stain-normalised as training did, :func:`kerasnuc.runs.records_of_split`) go through the
-prediction engine twice, without and with multiple inference
+et al. 2017); the table says which split each run used. Each run's test images (the original
+pixels, :func:`kerasnuc.runs.records_of_split`; the engine stain-normalises them as training
+did, from the run's stain.json) go through the prediction engine twice, without and with multiple inference
 (:mod:`kerasnuc.postprocess.multiple_inference`), giving the four rows:
 
 | row | colour normalisation | multiple inference |
@@ -50,7 +50,7 @@ PUBLISHED_SOURCE = ("Jung, Lodhi & Kang, BMC Biomed. Eng. 1:24 (2019), MOSID abl
 
 
 def test_images(run_dir, limit=None):
-    """The run's test records, read and stain-normalised as training did."""
+    """The run's test records, original pixels (the engine applies the run's stain normaliser)."""
     from kerasnuc import runs
 
     records = runs.records_of_split(run_dir, "test", limit=limit)

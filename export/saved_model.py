@@ -244,15 +244,21 @@ def _write_version(model, meta, model_dir, version):
     (the next free one unless ``version``); returns the version folder."""
     import keras
 
-    from kerasnuc.runs import write_json_atomic
+    from kerasnuc.runs import exported_metadata, write_json_atomic
 
     staging = os.path.join(model_dir, f".incomplete-{uuid.uuid4().hex[:12]}")
+    extra = os.path.join(staging, "assets.extra")
     try:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        add_signatures(archive, model, meta, meta["mc_samples"])
+        # a dcgmm stain network travels in assets.extra/stain_model.keras, named relative to it
+        # (in kerasnuc.json and the metadata signature alike); the file is copied after write_out
+        stored = exported_metadata(meta, extra, copy=False)
+        add_signatures(archive, model, stored, meta["mc_samples"])
         archive.write_out(staging, verbose=False)
-        os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
+        os.makedirs(extra, exist_ok=True)
+        exported_metadata(meta, extra)
+        meta = stored
         explicit = version is not None
         version = int(version) if explicit else next_version(model_dir)
         while True:

@@ -127,7 +127,8 @@ def representative_inputs(run_dir, meta, count=64, seed=0, size=None):
     from kerasnuc.intensity import normalize_image
     from kerasnuc.predict.tiling import pad_to_multiple
 
-    records = records_of_split(run_dir, "train")
+    # stain-normalised here: these crops go to the converter, not through the engine
+    records = records_of_split(run_dir, "train", stain=True)
     if not records:
         raise ValueError(f"{run_dir}: split.json has no training images to calibrate int8 with")
     rng = np.random.default_rng(seed)
@@ -577,7 +578,8 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
                                                  calibration, calibration_outliers, repeats, threads, max_images,
                                                  evaluate_model, log)
             base = os.path.splitext(out)[0]
-            for suffix in (".json", ".report.json", ".report.md", ".tflite"):  # the model last: complete when seen
+            stain_files = [".stain_model.keras"] if os.path.exists(os.path.splitext(staged)[0] + ".stain_model.keras") else []
+            for suffix in (".json", ".report.json", ".report.md", *stain_files, ".tflite"):  # the model last
                 os.replace(os.path.splitext(staged)[0] + suffix, base + suffix)
             os.rmdir(staging)
         except BaseException:
@@ -594,7 +596,7 @@ def _convert_and_report(model, meta, run_dir, quantize, staged, out, static, cal
                         repeats, threads, max_images, evaluate_model, log):
     """Write the .tflite, its metadata JSON and report at ``staged`` (a staging path for
     ``out``); returns (staged, report)."""
-    from kerasnuc.runs import write_json_atomic
+    from kerasnuc.runs import exported_metadata, write_json_atomic
     from kerasnuc.predict.litert import LiteModel
     from kerasnuc.predict.tiling import fitting_margin
 
@@ -627,7 +629,8 @@ def _convert_and_report(model, meta, run_dir, quantize, staged, out, static, cal
         if not meta["tflite"]["stochastic_in_litert"]:
             log("warning: the converted Monte-Carlo model is deterministic in LiteRT")
     base = os.path.splitext(staged)[0]
-    write_json_atomic(base + ".json", meta)
+    # a dcgmm stain network travels beside the .tflite (<name>.stain_model.keras), named relative to it
+    write_json_atomic(base + ".json", exported_metadata(meta, os.path.dirname(base), os.path.basename(base) + "."))
     report = {"file": os.path.abspath(out), "quantize": quantize, "static_input": static, "bytes": len(content),
               "megabytes": round(len(content) / 2 ** 20, 3), "convert_seconds": round(convert_seconds, 1),
               "keras_params": int(model.count_params()), "io": io, "notes": notes,

@@ -24,7 +24,10 @@ postprocess        tuned post-processing keyword arguments (thresholds.json)
 match_radius       detection/classification: matching radius used in evaluation
 stochastic         True for Monte-Carlo dropout models; ``mc_samples`` passes
 normalization      how pixels become model input (per-image min-max, see below)
-stain              fitted stain normaliser (kerasnuc.data.stain.normalizer_from_dict) or None
+stain              fitted stain normaliser (kerasnuc.data.stain.normalizer_from_dict) or None;
+                   the prediction engine applies it. Its files (a dcgmm E-step network) are
+                   absolute paths in memory; an export stores a copy beside its JSON and a
+                   path relative to that JSON's folder (kerasnuc.data.stain.store_files)
 =================  ===============================================================
 
 :func:`load_model` is the one loader of a run's model: it reads the folder first, says
@@ -199,7 +202,7 @@ def read_run(run_dir):
         raise RunError(f"{path}: thresholds.json missing (the tuned post-processing of a "
                               f"{config.get('task', 'segmentation')} run)")
     stain_path = os.path.join(os.path.dirname(config_path), "stain.json")
-    stain = read_json_object(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
+    stain = read_stain(stain_path) if config.get("stain") and os.path.isfile(stain_path) else {}
     if config.get("stain") and not stain:
         raise RunError(f"{path}: stain.json missing (the run normalised stains: {config['stain']})")
     return Run(path, config, split, thresholds, stain, os.fspath(run_dir))
@@ -270,14 +273,39 @@ def model_multiple(config):
     return input_multiple(config.get("model", "unet"), config.get("model_config"))
 
 
+def read_stain(path):
+    """A stain.json as stored by training, its files (a dcgmm ``stain_model.keras``) resolved
+    against its folder; RunError naming stain.json and the file when one is missing."""
+    from kerasnuc.data.stain import resolve_paths
+
+    data = read_json_object(path)
+    try:
+        return resolve_paths(data, os.path.dirname(os.path.abspath(path)), where=path)
+    except (OSError, ValueError) as error:
+        raise RunError(str(error)) from None
+
+
 def stain_of(run_dir):
-    """The fitted stain normaliser dict stored by training (stain.json), or None."""
+    """The fitted stain normaliser dict stored by training (stain.json; files resolved, see
+    :func:`read_stain`), or None."""
     for folder in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
         path = os.path.join(folder, "stain.json")
         if os.path.exists(path):
-            data = read_json_object(path)
+            data = read_stain(path)
             return {k: v for k, v in data.items() if k in ("method", "params", "fitted")}
     return None
+
+
+def exported_metadata(meta, folder, prefix="", copy=True):
+    """``meta`` as an export writes it into ``folder``: its stain normaliser's files (a dcgmm
+    network) copied there as ``<prefix>stain_model.keras``, named relative to ``folder``
+    (:func:`kerasnuc.data.stain.store_files`; readers resolve them against the JSON's folder).
+    ``copy=False``: the names only."""
+    if not meta.get("stain"):
+        return meta
+    from kerasnuc.data.stain import store_files
+
+    return {**meta, "stain": store_files(meta["stain"], folder, prefix, copy=copy)}
 
 
 def recorded_class_names(config, run_dir=None):
@@ -455,11 +483,13 @@ def resolve_spec(spec):
     return f"{fmt}:{candidate}" if os.path.exists(candidate) else spec
 
 
-def records_of_split(run_dir, which, limit=None):
+def records_of_split(run_dir, which, limit=None, stain=False):
     """The run's images of split ``which`` (train / val / test) as NucleiImage records.
 
-    Reads the data spec of config.json (and test_data for ``test:`` names); applies the
-    run's stain normaliser like training did.
+    Reads the data spec of config.json (and test_data for ``test:`` names). The images are
+    the original pixels: the prediction engine applies the run's stain normaliser itself
+    (``meta["stain"]``). ``stain=True`` applies it here, for code that feeds the network
+    without the engine (int8 calibration crops).
     """
     from kerasnuc.data import load_dataset
 
@@ -484,14 +514,13 @@ def records_of_split(run_dir, which, limit=None):
         raise RunError(f"{run_dir}: {len(missing)} {which} images of split.json not found in the data "
                        f"({config.get('data')}), e.g. {missing[0]}")
     records = [by_name[n] for n in names]
-    stain = stain_of(run_dir)
-    if stain:
-        from kerasnuc.data.stain import normalizer_from_dict
+    stored = stain_of(run_dir) if stain else None
+    if stored:
+        from kerasnuc.data.stain import normalize_rgb, normalizer_from_dict
 
-        normaliser = normalizer_from_dict(stain)
+        normaliser = normalizer_from_dict(stored)
         for record in records:
-            if record.channels == 3:
-                record.image = normaliser.transform(record.image)
+            record.image = normalize_rgb(normaliser, record.image)
     return records
 
 

@@ -228,10 +228,11 @@ def test_json_round_trip_gives_identical_output(normalizer, trained, source):
     assert type(restored) is stain.DCGMMNormalizer
     tile = source[:256, :200]
     np.testing.assert_array_equal(restored.transform(tile), normalizer.transform(tile))
-    # what serving.edge does with an exported run's metadata
-    from serving.edge import _apply_stain
+    # what the prediction engine does with a run's or an export's metadata (serving.edge uses it)
+    from kerasnuc.predict.engine import Predictor
 
-    np.testing.assert_array_equal(_apply_stain({"stain": stored}, tile), normalizer.transform(tile))
+    engine = Predictor(types.SimpleNamespace(meta={"stain": stored, "channels": 3}))
+    np.testing.assert_array_equal(engine.model_pixels(tile), normalizer.transform(tile))
     # the folder's dcgmm.json is a fitted normaliser too (fitted on the whole template)
     out, record = trained
     from_folder = stain.normalizer_from_dict(record)

@@ -80,7 +80,10 @@ class FitConfig:
     of Kumar et al. 2017 / NucSeg's MOSID: train and validate on breast, kidney, liver, prostate;
     test on 8 same-organ and 6 other-organ images) or a split JSON file (configs/splits/). Empty: none."""
     stain: dict = field(default_factory=dict)
-    """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"}; empty: none."""
+    """Stain normalisation, e.g. {"method": "macenko", "template": "path.png"} (or "reinhard",
+    "vahadane"), or a trained DCGMM: {"method": "dcgmm", "model": "DIR", "template": "path.png"}
+    (DIR from python -m kerasnuc.data.stain train-dcgmm; copied into the run as
+    stain_model.keras); empty: none. Inference applies the run's stain.json itself."""
     max_pixels: int = 2 ** 28
     """Largest image (height x width pixels) read whole into memory, checked from the file header
     before decoding (kerasnuc.data.validation); lazily read slides are not limited."""

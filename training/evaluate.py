@@ -140,13 +140,7 @@ def select_records(run, data=None, split="test", policy=None, skipped=None):
                            "split": split}
     except DataError as error:
         raise EvaluationError(str(error)) from None
-    if run.stain:
-        from kerasnuc.data.stain import normalizer_from_dict
-
-        normaliser = normalizer_from_dict(run.stain)
-        for record in records:
-            if record.channels == 3:
-                record.image = normaliser.transform(record.image)
+    if run.stain:  # the images stay original: the engine normalises them (engine_for's stain)
         description["stain"] = run.stain.get("method")
     return records, description
 
@@ -181,11 +175,13 @@ class Settings:
         return 8 if self.tta and self.multiple_inference is None else 1
 
 
-def engine_for(model, settings, patch=None, postprocess=None):
+def engine_for(model, settings, patch=None, postprocess=None, stain=None):
     """The prediction engine over an in-memory model: evaluation predicts as ``kerasnuc.predict``
     does (one normalisation, TTA and Monte-Carlo loop), untiled on whole images. An instance
     model (boxes, scores, masks: Mask R-CNN) is tiled to its fixed input with the run's
-    ``postprocess`` (score and mask thresholds, ``tile_margin``)."""
+    ``postprocess`` (score and mask thresholds, ``tile_margin``). ``stain``: the run's stored
+    stain normaliser (``run.stain``), applied by the engine to the original images; training's
+    held-out evaluation passes none, its records are normalised already (training.fit)."""
     from kerasnuc.predict.engine import Predictor
     from kerasnuc.predict.runtimes import KerasRuntime
 
@@ -194,10 +190,10 @@ def engine_for(model, settings, patch=None, postprocess=None):
 
         meta = {"task": "instance", "channels": settings.channels, "multiple": settings.multiple,
                 "tile_margin": int((postprocess or {}).get("tile_margin", INSTANCE_MARGIN)),
-                "postprocess": dict(postprocess or {})}
+                "postprocess": dict(postprocess or {}), "stain": stain or None}
         return Predictor(KerasRuntime(model=model, meta=meta))
     meta = {"channels": settings.channels, "multiple": settings.multiple, "patch": patch,
-            "output_channels": int(model.output_shape[-1])}
+            "output_channels": int(model.output_shape[-1]), "stain": stain or None}
     return Predictor(KerasRuntime(model=model, meta=meta), tta=settings.transforms)
 
 
@@ -558,7 +554,8 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
         f"{('multiple inference (7 views, anchored vote)' if tta_merge == 'vote' else 'TTA 8 views') if tta else 'no TTA'}, "
         f"{passes} pass{'es' if passes > 1 else ''}{' (MC dropout)' if stochastic else ''}")
 
-    engine = engine_for(model, settings, postprocess=postprocess_of(run.thresholds) if task == "instance" else None)
+    engine = engine_for(model, settings, postprocess=postprocess_of(run.thresholds) if task == "instance" else None,
+                        stain=run.stain)
 
     def predict(record):
         return predict_record(model, record, settings, engine)
@@ -592,7 +589,7 @@ def evaluate_run(run_dir, data=None, split="test", tta=False, mc_samples=None, o
             patch = int(fixed[0])
         names = next((tuple(r.class_names) for r in records if r.class_names), None)
         options["patch"] = patch
-        engine = engine_for(model, settings, patch)
+        engine = engine_for(model, settings, patch, stain=run.stain)
         metrics, artifacts = evaluate_classification(
             records, lambda image, points: engine.classify(image, points, batch_size=128, samples=passes),
             class_names=names, num_classes=int(model.output_shape[-1]), log=log,

@@ -222,8 +222,10 @@ def _run_in(run_dir, config, log, resume):
     else:
         run_dir.write_json("config.json", resolved)
         run_dir.write_json("split.json", split_record)
-    if config.stain:
-        run_dir.write_json("stain.json", stain_params)
+    if config.stain:  # a dcgmm network is copied in (stain_model.keras): the run travels whole
+        from kerasnuc.data.stain import store_files
+
+        run_dir.write_json("stain.json", store_files(stain_params, run_dir.path))
 
     task = _task_module(config.task)
     with scope:  # the model is built, trained and evaluated under the --distribute strategy
@@ -281,9 +283,14 @@ def _cross_validate(task, config, run_dir, records, splits, log):
 
 
 def _normalise_stains(config, records, test_records, log):
-    """Fit the configured stain normaliser on its template and apply it to every image."""
+    """Fit the configured stain normaliser on its template and apply it to every image.
+
+    Training normalises its records itself (once, here) because they feed the input pipeline,
+    not the prediction engine; the held-out evaluation after training reuses these records,
+    so its engine gets no stain. Everything after training (kerasnuc.load, evaluate, exports)
+    reads stain.json and lets the engine apply it."""
     from kerasnuc.data.imageio import read_image
-    from kerasnuc.data.stain import make_normalizer
+    from kerasnuc.data.stain import make_normalizer, normalize_rgb
 
     options = dict(config.stain)
     method, template = options.pop("method", "macenko"), options.pop("template", None)
@@ -292,8 +299,7 @@ def _normalise_stains(config, records, test_records, log):
     normaliser = make_normalizer(method, **options)
     normaliser.fit(read_image(template, channels=3))
     for record in records + test_records:
-        if record.channels == 3:
-            record.image = normaliser.transform(record.image)
+        record.image = normalize_rgb(normaliser, record.image)
     log(f"stain: {method} normalisation to {template} applied to {len(records) + len(test_records)} images")
     return records, test_records, {"template": template, **normaliser.to_dict()}
 

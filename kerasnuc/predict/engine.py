@@ -12,6 +12,13 @@ provided it does not touch the block's context border (where it may be cut). Ids
 global and the full-size float map never exists. With ``multiple_inference`` (NucSeg) each
 block is predicted in 7 views whose instances vote (anchored on the original view's nuclei)
 before the responsibility rule decides which block keeps a nucleus.
+
+Stain normalisation: a run trained on stain-normalised tiles (``meta["stain"]``, its stain.json)
+gets the same normaliser here, applied exactly once to the pixels of each image or block
+before the network (:meth:`Predictor.model_pixels`; images, blocks, slides, Dask workers,
+TTA and multiple inference all pass through it), never to glass blocks. The nucleus table's
+mean intensities are measured on the ORIGINAL pixels. Reinhard, Macenko and Vahadane are
+NumPy only; a dcgmm normaliser runs its Keras E-step network.
 """
 
 import numpy as np
@@ -44,6 +51,51 @@ class Predictor:
         self.block = int(block)
         self.block_overlap = block_overlap
         self.classifier = None
+        self._stain = None  # the normaliser of meta["stain"], built on first use
+
+    # -- stain normalisation
+
+    @property
+    def stain_normalizer(self):
+        """The run's stain normaliser (``meta["stain"]``: method, params, fitted), or None.
+        Its files (a dcgmm network) are absolute paths, resolved by whoever read the metadata
+        from its folder (:func:`kerasnuc.runs.read_stain`, :func:`kerasnuc.predict.litert.load_metadata`)."""
+        stored = self.meta.get("stain")
+        if not stored:
+            return None
+        if self._stain is None or self._stain[0] is not stored:
+            from kerasnuc.data.stain import normalizer_from_dict
+
+            self._stain = (stored, normalizer_from_dict(stored))
+        return self._stain[1]
+
+    def model_pixels(self, image):
+        """The pixels the network sees of an (H, W[, C]) uint8 image or block: stain-normalised
+        as in training (:func:`kerasnuc.data.stain.normalize_rgb`: RGB only), else as they are."""
+        image = _as_hwc(image)
+        normalizer = self.stain_normalizer
+        return image if normalizer is None else _as_hwc(_normalize_rgb(normalizer, image))
+
+    def view_range(self, view, single_block):
+        """The (min, max) that normalises every block of ``view`` for the network. Without a stain
+        normaliser: the view's own (:meth:`value_range`). With one, the range of normalised
+        pixels: None when ``single_block`` (the block is the whole image: its own normalised
+        range, training's per-image rule), else the range of the normalised thumbnail of a
+        slide (or a subsampled copy of an image), so all blocks are scaled alike."""
+        if self.stain_normalizer is None or view.shape[2] != 3:
+            return view.value_range(self.channels)
+        if single_block:
+            return None
+        thumbnail = getattr(view, "thumbnail", None)
+        if thumbnail is not None:
+            sample = thumbnail()[0]
+        else:
+            from kerasnuc.predict.sources import THUMBNAIL_SIDE
+
+            height, width = view.shape[:2]
+            step = max(1, -(-max(height, width) // THUMBNAIL_SIDE))
+            sample = np.asarray(view.read(0, height, 0, width))[::step, ::step]
+        return intensity_range(self.model_pixels(np.ascontiguousarray(sample)), self.channels)
 
     # -- facts
 
@@ -156,11 +208,14 @@ class Predictor:
         """The maps of every pass: {"mean", "variance" (None for one pass), "passes" (S, H, W, K)
         or None for one pass, "views" (the mapped-back dihedral views averaged over passes, with
         ``keep_views``) or None}. Each pass averages its ``tta`` views (each mapped back)."""
-        from kerasnuc.predict.tiling import dihedral_transform, inverse_dihedral, transform_indices
-
         if self.task == "instance":
             raise ValueError("an instance model (Mask R-CNN) gives detections, not maps: use predict_instances")
-        image = _as_hwc(image)
+        return self._passes(self.model_pixels(image), tile, margin, samples, value_range, tta, keep_views)
+
+    def _passes(self, image, tile=None, margin=None, samples=None, value_range=None, tta=None, keep_views=False):
+        """:meth:`predict_passes` of pixels already through :meth:`model_pixels`."""
+        from kerasnuc.predict.tiling import dihedral_transform, inverse_dihedral, transform_indices
+
         height, width = image.shape[:2]
         value_range = intensity_range(image, self.channels) if value_range is None else tuple(value_range)
         raw = getattr(self.runtime, "takes_raw", False)
@@ -200,7 +255,7 @@ class Predictor:
         ``batch_size`` so the runtime sees one shape."""
         from kerasnuc.predict.tiling import dihedral_transform, transform_indices
 
-        image = _as_hwc(image)
+        image = self.model_pixels(image)
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         if len(points) == 0:
             return np.zeros((0, self.meta.get("output_channels", len(self.meta.get("class_names") or [1]))),
@@ -337,11 +392,11 @@ class Predictor:
         are freed as soon as its consumer lets go, not held until the view ends (256 blocks of
         a 32k slide)."""
         view = as_view(source() if callable(source) else source)
-        value_range = view.value_range(self.channels)
-        # the classifier normalises with the whole view's range too
-        classifier_range = view.value_range(self.classifier.channels) if self.classifier is not None else None
         height, width = view.shape[:2]
         cores = list(block_grid(height, width, self.block, self.multiple))
+        value_range = self.view_range(view, len(cores) == 1)
+        # the classifier normalises with the whole view's range too
+        classifier_range = self.classifier.view_range(view, len(cores) == 1) if self.classifier is not None else None
         tissue = view.tissue() if skip_glass else None
         overlap = self.overlap()
         blocks = []
@@ -360,34 +415,43 @@ class Predictor:
     def predict_block(self, result, tile=None, margin=None, samples=None):
         """Read a planned block's pixels (its box) and run the network on them: sets ``crop``,
         ``maps`` and ``variance`` (and with multiple inference ``view_outputs``: the other
-        views' outputs, each in its own orientation)."""
+        views' outputs, each in its own orientation). ``crop`` keeps the original pixels (the
+        table measures them); the network sees them stain-normalised (:meth:`model_pixels`), once."""
         top, bottom, left, right = result.box
         result.crop = np.asarray(result.view.read(top, bottom, left, right))
-        result.maps, result.variance = self.network_output(result.crop, tile, margin, samples, result.value_range)
+        pixels = self.model_pixels(result.crop)
+        result.maps, result.variance = self._network_output(pixels, tile, margin, samples, result.value_range)
         views = self.inference_views()
         if views is not None:
-            result.view_outputs = self.view_outputs(result.crop, views[1:], tile, margin, samples,
-                                                    result.value_range)
+            result.view_outputs = self._view_outputs(pixels, views[1:], tile, margin, samples, result.value_range)
         return result
 
     def network_output(self, image, tile=None, margin=None, samples=None, value_range=None):
         """(output, variance or None) of one image or block: maps, or an instance model's tile
         detections (:mod:`kerasnuc.predict.detections`)."""
+        return self._network_output(self.model_pixels(image), tile, margin, samples, value_range)
+
+    def _network_output(self, pixels, tile=None, margin=None, samples=None, value_range=None):
+        """:meth:`network_output` of pixels already through :meth:`model_pixels`."""
         if self.task == "instance":
             from kerasnuc.predict.detections import detect
 
-            return detect(self, image, value_range, margin), None
-        return self.predict_maps(image, tile, margin, samples, value_range)
+            return detect(self, pixels, value_range, margin), None
+        out = self._passes(pixels, tile, margin, samples, value_range)
+        return out["mean"], out["variance"]
 
     def view_outputs(self, image, views, tile=None, margin=None, samples=None, value_range=None):
         """[(k, network output of dihedral view k of ``image``, in that view's orientation)],
-        every view normalised with ``value_range`` (default: the image's)."""
+        every view normalised with ``value_range`` (default: the image's, stain-normalised once
+        before the views are made)."""
+        return self._view_outputs(self.model_pixels(image), views, tile, margin, samples, value_range)
+
+    def _view_outputs(self, pixels, views, tile=None, margin=None, samples=None, value_range=None):
         from kerasnuc.predict.tiling import dihedral_transform
 
-        image = _as_hwc(image)
-        value_range = intensity_range(image, self.channels) if value_range is None else tuple(value_range)
-        return [(k, self.network_output(np.ascontiguousarray(dihedral_transform(image, k)), tile, margin,
-                                        samples, value_range)[0]) for k in views]
+        value_range = intensity_range(pixels, self.channels) if value_range is None else tuple(value_range)
+        return [(k, self._network_output(np.ascontiguousarray(dihedral_transform(pixels, k)), tile, margin,
+                                         samples, value_range)[0]) for k in views]
 
     def inference_views(self):
         """The dihedral views of multiple inference (the original first), or None when it is off."""
@@ -656,6 +720,12 @@ def oversized_message(count, overlap):
 
 def _floor_to(value, multiple):
     return int(value) // int(multiple) * int(multiple)
+
+
+def _normalize_rgb(normalizer, image):
+    from kerasnuc.data.stain.core import normalize_rgb  # NumPy only (a dcgmm normaliser brings Keras)
+
+    return normalize_rgb(normalizer, image)
 
 
 def _as_hwc(image):

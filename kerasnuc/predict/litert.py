@@ -18,7 +18,8 @@ def metadata_path(model_path):
 def load_metadata(model_path, path=None):
     """The metadata dict of a .tflite: ``path`` or ``<model>.json`` beside it. ValueError /
     FileNotFoundError (one line naming the file) for a missing .tflite, a missing or
-    unreadable JSON, or one without a known task and channels."""
+    unreadable JSON, one without a known task and channels, or one whose stain normaliser's
+    file (a dcgmm network, stored relative to the JSON's folder) is missing."""
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"{model_path}: .tflite file not found")
     path = path or metadata_path(model_path)
@@ -32,6 +33,10 @@ def load_metadata(model_path, path=None):
         raise ValueError(f"{path}: metadata task {meta.get('task')!r} is none of {', '.join(TASKS)} "
                          "(not a python -m export.tflite metadata file?)")
     check_config(meta, path)
+    if meta.get("stain"):  # a dcgmm network travels beside the JSON: its path is relative to it
+        from kerasnuc.data.stain import resolve_paths
+
+        meta["stain"] = resolve_paths(meta["stain"], os.path.dirname(os.path.abspath(path)), where=path)
     return meta
 
 

@@ -51,7 +51,7 @@ def _normalize(args):
     from kerasnuc.data.stain import normalizer_from_dict
 
     with open(args.stain, encoding="utf-8") as handle:
-        normalizer = normalizer_from_dict(json.load(handle))
+        normalizer = normalizer_from_dict(json.load(handle), os.path.dirname(os.path.abspath(args.stain)))
     os.makedirs(args.out_dir, exist_ok=True)
     for path in args.images:
         out = normalizer.transform(read_image(path, channels=3))

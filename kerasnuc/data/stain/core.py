@@ -10,7 +10,13 @@ registers itself in ``NORMALIZERS``)::
     normalizer.fit(template_rgb_uint8)            # (H, W, 3) uint8; bad template -> ValueError
     out = normalizer.transform(rgb_uint8)         # (H, W, 3) uint8
     json.dump(normalizer.to_dict(), f)            # store in the run folder ...
-    normalizer = normalizer_from_dict(json.load(f))  # ... and use it at inference
+    normalizer = normalizer_from_dict(json.load(f), folder)  # ... and use it at inference
+
+Files a normaliser needs (a dcgmm E-step network: its ``_file_params``) travel with the JSON
+that stores it: :func:`store_files` copies them into the JSON's folder and stores paths
+relative to it; :func:`resolve_paths` (and ``normalizer_from_dict(data, folder)``) makes them
+absolute again, so a run folder or an export copied to another machine still works.
+:func:`normalize_rgb` is the one rule of which images a normaliser changes (RGB, not grey).
 
 Robustness: a tile that cannot be normalised (glass only, too little tissue, all white or
 all black, a degenerate or non-finite stain estimate) comes back unchanged, with a
@@ -34,6 +40,9 @@ __all__ = [
     "VahadaneNormalizer",
     "make_normalizer",
     "normalizer_from_dict",
+    "normalize_rgb",
+    "resolve_paths",
+    "store_files",
     "estimate_stain_matrix",
     "rgb_to_od",
     "od_to_rgb",
@@ -132,6 +141,7 @@ class StainNormalizer:
 
     method = None
     _fitted_names = ()
+    _file_params = ()  # constructor options naming files (resolve_paths, store_files)
 
     def __init__(self, od_threshold=0.15, max_od=3.0, min_tissue_fraction=0.01,
                  min_tissue_pixels=100):
@@ -507,10 +517,13 @@ def make_normalizer(method, **options):
     return NORMALIZERS[key](**options)
 
 
-def normalizer_from_dict(data):
-    """Rebuild a (fitted) normaliser from :meth:`StainNormalizer.to_dict` output."""
+def normalizer_from_dict(data, folder=None):
+    """Rebuild a (fitted) normaliser from :meth:`StainNormalizer.to_dict` output; relative file
+    options resolve against ``folder``, the folder of the JSON it was read from
+    (:func:`resolve_paths`)."""
     if not isinstance(data, dict) or "method" not in data:
         raise ValueError("not a stored stain normaliser: expected a dict with 'method', 'params', 'fitted'")
+    data = resolve_paths(data, folder)
     normalizer = make_normalizer(data["method"], **(data.get("params") or {}))
     fitted = data.get("fitted")
     if fitted:
@@ -520,6 +533,82 @@ def normalizer_from_dict(data):
         for name in normalizer._fitted_names:
             setattr(normalizer, name, np.asarray(fitted[name], dtype=np.float64))
     return normalizer
+
+
+def _file_options(data):
+    """[(option, path)] of a stored normaliser's file options (the ``params`` its class lists
+    in ``_file_params``)."""
+    cls = NORMALIZERS.get(str(data.get("method", "")).lower())
+    params = data.get("params") or {}
+    return [(name, params[name]) for name in getattr(cls, "_file_params", ()) if params.get(name)]
+
+
+def resolve_paths(data, folder=None, where=None):
+    """A copy of the stored normaliser ``data`` whose relative file options (a dcgmm ``model``)
+    are absolute, taken relative to ``folder`` (the folder of the JSON that stored them).
+
+    Raises FileNotFoundError naming ``where`` (the JSON) and the missing file, and ValueError
+    for a relative path with no ``folder`` to resolve it against (metadata that came without
+    its folder, e.g. over gRPC)."""
+    import os
+
+    options = _file_options(data)
+    if not options:
+        return data
+    params = dict(data.get("params") or {})
+    for name, path in options:
+        path = os.fspath(path)
+        if not os.path.isabs(path):
+            if folder is None:
+                raise ValueError(f"{where or 'stain normaliser'}: the {data['method']} stain {name} "
+                                 f"'{path}' is relative to the folder of the JSON that stored it, and that "
+                                 "folder is not known here (read the metadata or stain.json file itself)")
+            path = os.path.join(os.path.abspath(os.fspath(folder)), path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{where or folder or 'stain normaliser'}: the {data['method']} stain "
+                                    f"{name} {path} is missing (it travels with the run or export it "
+                                    "belongs to: copy it along)")
+        params[name] = path
+    return {**data, "params": params}
+
+
+def store_files(data, folder, prefix="", copy=True):
+    """A copy of the stored normaliser ``data`` (absolute paths) whose files are copied into
+    ``folder`` as ``<prefix>stain_<option><suffixes>`` (atomically, :mod:`kerasnuc.atomic`), the
+    option now naming that file relative to ``folder``: a JSON written into ``folder`` then
+    carries everything it needs. ``copy=False``: only the new names (the files follow later)."""
+    import os
+    import shutil
+
+    from kerasnuc.atomic import atomic_path
+
+    options = _file_options(data)
+    if not options:
+        return data
+    params = dict(data.get("params") or {})
+    for name, path in options:
+        source = os.path.abspath(os.fspath(path))
+        if os.path.isdir(source):  # a train-dcgmm folder: the network inside
+            from kerasnuc.data.stain.dcgmm import MODEL_FILE
+
+            source = os.path.join(source, MODEL_FILE)
+        stored = f"{prefix}stain_{name}{''.join(os.path.basename(source).partition('.')[1:])}"
+        target = os.path.join(os.fspath(folder), stored)
+        if copy and os.path.abspath(target) != source:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+        params[name] = stored
+    return {**data, "params": params}
+
+
+def normalize_rgb(normalizer, image):
+    """The one rule of which pixels a run's stain normaliser changes (training, the prediction
+    engine, int8 calibration): an (H, W, 3) RGB image is mapped to the template's colours;
+    grey images, and any image when ``normalizer`` is None, pass unchanged."""
+    image = np.asarray(image)
+    if normalizer is None or image.ndim != 3 or image.shape[2] != 3:
+        return image
+    return normalizer.transform(image)
 
 
 def estimate_stain_matrix(rgb, method="macenko", **options):

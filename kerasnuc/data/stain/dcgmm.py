@@ -253,8 +253,9 @@ class DCGMMNormalizer(StainNormalizer):
     """Stain normalisation with a trained DCGMM E-step network (``python -m kerasnuc.data.stain
     train-dcgmm``), behind the shared interface.
 
-    ``model``: the network's ``.keras`` file or the folder ``train-dcgmm`` wrote (stored as
-    an absolute path, so a run's stain.json works from any directory). ``tile`` and
+    ``model``: the network's ``.keras`` file or the folder ``train-dcgmm`` wrote (made absolute;
+    a run's stain.json and an export's metadata store a copy beside them and a path relative
+    to their folder, :func:`kerasnuc.data.stain.core.store_files`). ``tile`` and
     ``batch_size``: how large images are cut for the network. Statistics are over all pixels
     (glass is a class of its own); the tissue check only decides whether a tile is worth
     normalising. A class holding less than ``min_cluster_fraction`` of the image's or the
@@ -264,6 +265,7 @@ class DCGMMNormalizer(StainNormalizer):
 
     method = "dcgmm"
     _fitted_names = ("means_", "stds_", "weights_")
+    _file_params = ("model",)
 
     def __init__(self, model=None, tile=512, batch_size=4, min_cluster_fraction=1e-3, **kwargs):
         super().__init__(**kwargs)
