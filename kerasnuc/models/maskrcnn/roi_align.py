@@ -64,10 +64,9 @@ def bilinear_gather(table, y, x, height, width, offset):
     return top * (1.0 - wy) + bottom * wy
 
 
-def bin_points(starts, lengths, bins, sub=0, samples=1):
-    """Sample positions (..., bins): point ``sub`` of ``samples`` evenly spaced ones in each of
-    ``bins`` equal bins of [start, start + length): start + (k + (sub + 0.5) / samples) * length / bins."""
-    fractions = (ops.cast(ops.arange(bins), "float32") + (sub + 0.5) / samples) / bins
+def bin_points(starts, lengths, points):
+    """Evenly spaced sample positions (..., points): start + (k + 0.5) * length / points."""
+    fractions = (ops.cast(ops.arange(points), "float32") + 0.5) / points
     return starts[..., None] + lengths[..., None] * fractions
 
 
@@ -107,15 +106,16 @@ class RoIAlign(Float32Layer):
         offset = (batch * ops.take(ops.convert_to_tensor(starts, "int32"), level)
                   + image * height * width)
         p, s = self.pool_size, self.sampling_ratio
-        # one gather per sub-position of the bins, summed: no rank-7 reshape (TFLite kernels stop at 6)
-        total = 0.0
-        for sy in range(s):
-            ys = bin_points(boxes[..., 0], boxes[..., 2] - boxes[..., 0], p, sy, s) / stride[..., None] - 0.5
-            for sx in range(s):
-                xs = bin_points(boxes[..., 1], boxes[..., 3] - boxes[..., 1], p, sx, s) / stride[..., None] - 0.5
-                total = total + bilinear_gather(table, ys[..., :, None], xs[..., None, :], height[..., None, None],
-                                                width[..., None, None], offset[..., None, None])
-        return total / float(s * s)
+        # all p*s x p*s sample points in one gather, then each bin's s x s points averaged by an
+        # average pool (ranks stay <= 5: TFLite's kernels stop at rank 6 or less)
+        ys = bin_points(boxes[..., 0], boxes[..., 2] - boxes[..., 0], p * s) / stride[..., None] - 0.5
+        xs = bin_points(boxes[..., 1], boxes[..., 3] - boxes[..., 1], p * s) / stride[..., None] - 0.5
+        values = bilinear_gather(table, ys[..., :, None], xs[..., None, :], height[..., None, None],
+                                 width[..., None, None], offset[..., None, None])  # (B, R, p s, p s, C)
+        if s > 1:
+            values = ops.reshape(values, (-1, p * s, p * s, channels))
+            values = ops.average_pool(values, s, strides=s, padding="valid")
+        return ops.reshape(values, (-1, boxes.shape[1], p, p, channels))
 
     def compute_output_shape(self, input_shapes):
         boxes, first = input_shapes[0], input_shapes[1]
