@@ -11,11 +11,12 @@ from keras import ops
 import kerasnuc.models  # noqa: F401  (registers the custom layers for safe-mode loading)
 from kerasnuc.models.maskrcnn import build_maskrcnn, build_trainer, training_targets, TARGET_KEYS
 from kerasnuc.models.maskrcnn import losses
-from kerasnuc.models.maskrcnn.anchors import anchor_count, generate_anchors
+from kerasnuc.models.maskrcnn.anchors import anchor_count, generate_anchors, overlapping_pairs
 from kerasnuc.models.maskrcnn.boxes import decode, encode, encode_np, iou, iou_np
 from kerasnuc.models.maskrcnn.nms import non_max_suppression
 from kerasnuc.models.maskrcnn.roi_align import RoIAlign, box_levels
 from kerasnuc.models.maskrcnn.sampling import RegionSampler
+from kerasnuc.models.maskrcnn.targets import anchor_matches
 
 SMALL = dict(backbone="resnet50", width=0.125, max_instances=32, rpn_train_anchors=64, train_rois=32,
              rpn_pre_nms=300, rpn_post_nms=100, max_detections=16)
@@ -188,6 +189,21 @@ def test_training_targets_of_a_real_dsb_crop(dsb_crop):
     assert not targets["rpn_deltas"][match != 1].any()
     with pytest.raises(ValueError, match="do not match the model input 128"):
         training_targets(labels[:64], config)
+
+
+def test_sparse_anchor_matching_equals_the_dense_iou_matrix():
+    rng = np.random.default_rng(4)
+    corner = rng.uniform(-10, 250, (60, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(2, 90, (60, 2))], 1).clip(0, 256).astype(np.float32)
+    boxes[7] = boxes[3]  # a duplicate: ties between boxes
+    anchors = generate_anchors(256)
+    best, best_box, (anchor_of, box_of) = anchor_matches(anchors, boxes, overlapping_pairs(boxes, 256))
+    dense = iou_np(anchors, boxes)
+    np.testing.assert_array_equal(best_box, dense.argmax(axis=1))
+    np.testing.assert_allclose(best, dense.max(axis=1), atol=1e-6)
+    expected = np.nonzero((dense == dense.max(axis=0)[None]) & (dense.max(axis=0)[None] > 0))
+    np.testing.assert_array_equal(anchor_of, expected[0])
+    np.testing.assert_array_equal(box_of, expected[1])
 
 
 def test_region_sampler_targets_on_hand_made_boxes():

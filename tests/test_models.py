@@ -43,6 +43,11 @@ PAPER_PARAMETERS = {
     # 2 x 3,921,120 + 1x1 heads (seed 33, offsets 66, sigma 33) 132 = 12,737,700. The paper does not
     # state a count; this is the architecture its text describes.
     "bayesnuseg": 12.74e6,
+    # Mask R-CNN (NucSeg: ResNet-101 FPN, 3 anchors per cell, one class): ResNet-101 42,658,176 + FPN
+    # (4 laterals, 4 3x3 outputs of 256) 3,344,384 + RPN 593,935 + box head (7x7x256 -> 1024 -> 1024,
+    # 2 class logits, 8 deltas) 13,905,930 + mask head (four 3x3 convs of 256, deconv, 1x1) 2,622,977
+    # = 63,125,402 (Detectron's R-101-FPN Mask R-CNN: ~63 M).
+    "maskrcnn": 63.13e6,
 }
 # output channels where a family's maps are not one probability: BayesNuSeg's [seed, o_y, o_x, sigma]
 OUTPUT_CHANNELS = {"bayesnuseg": 4}

@@ -42,8 +42,13 @@ def clip_boxes(boxes, size):
 
 def iou_np(boxes1, boxes2):
     """NumPy pairwise IoU (N, 4) x (M, 4) -> (N, M) float32; zero-area boxes give 0."""
-    a = np.asarray(boxes1, np.float32)[:, None, :]
-    b = np.asarray(boxes2, np.float32)[None, :, :]
+    return paired_iou_np(np.asarray(boxes1, np.float32)[:, None, :], np.asarray(boxes2, np.float32)[None, :, :])
+
+
+def paired_iou_np(a, b):
+    """NumPy IoU of boxes ``a`` and ``b`` (..., 4), broadcast against each other; 0 for no union."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
     height = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     width = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = height * width

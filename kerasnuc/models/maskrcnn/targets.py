@@ -22,8 +22,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
-from kerasnuc.models.maskrcnn.anchors import generate_anchors
-from kerasnuc.models.maskrcnn.boxes import encode_np, iou_np
+from kerasnuc.models.maskrcnn.anchors import generate_anchors, overlapping_pairs
+from kerasnuc.models.maskrcnn.boxes import encode_np, paired_iou_np
 from kerasnuc.models.maskrcnn.config import resolve_config
 
 TARGET_KEYS = ("gt_boxes", "gt_class_ids", "gt_masks", "rpn_match", "rpn_deltas")
@@ -54,21 +54,40 @@ def instance_boxes_and_masks(labels, max_instances, mask_size):
     return boxes, masks.reshape(-1, mask_size, mask_size)
 
 
-def rpn_targets(anchors, boxes, train_anchors, rng):
+def anchor_matches(anchors, boxes, pairs):
+    """Best IoU (A,) and box (A,) of every anchor, and the (anchor, box) pairs where an anchor
+    is a box's best (ties included), from the sparse ``pairs`` (:func:`.anchors.overlapping_pairs`).
+
+    Equal to the dense computation: ties go to the lowest box index, as ``argmax`` does.
+    """
+    anchor, box = pairs
+    best = np.zeros(len(anchors), np.float32)
+    best_box = np.zeros(len(anchors), np.int64)
+    if not len(anchor):
+        return best, best_box, (anchor, box)
+    overlap = paired_iou_np(anchors[anchor], boxes[box])
+    order = np.lexsort((box, -overlap, anchor))  # by anchor, best IoU first, lowest box first
+    first = order[np.r_[True, anchor[order][1:] != anchor[order][:-1]]]
+    best[anchor[first]] = overlap[first]
+    best_box[anchor[first]] = box[first]
+    best_box[best <= 0] = 0  # touching only: no match (argmax of an all-zero row)
+    top = np.zeros(len(boxes), np.float32)
+    np.maximum.at(top, box, overlap)
+    tie = (overlap == top[box]) & (top[box] > 0)
+    order = np.lexsort((box[tie], anchor[tie]))
+    return best, best_box, (anchor[tie][order], box[tie][order])
+
+
+def rpn_targets(anchors, boxes, train_anchors, rng, pairs):
     """Anchor labels (A,) in {1, -1, 0} and deltas (A, 4) (see the module docstring)."""
     match = np.full(len(anchors), -1, np.int32)
     deltas = np.zeros((len(anchors), 4), np.float32)
-    if len(boxes):
-        overlaps = iou_np(anchors, boxes)
-        best_box = overlaps.argmax(axis=1)
-        best = overlaps[np.arange(len(anchors)), best_box]
-        match[best >= RPN_NEGATIVE_IOU] = 0
-        match[best >= RPN_POSITIVE_IOU] = 1
-        # every nucleus gets its best anchors (ties included), however small it is
-        top = overlaps.max(axis=0)
-        anchor_of, box_of = np.nonzero((overlaps == top[None]) & (top[None] > 0))
-        match[anchor_of] = 1
-        best_box[anchor_of] = box_of
+    best, best_box, (anchor_of, box_of) = anchor_matches(anchors, boxes, pairs)
+    match[best >= RPN_NEGATIVE_IOU] = 0
+    match[best >= RPN_POSITIVE_IOU] = 1
+    # every nucleus gets its best anchors (ties included), however small it is
+    match[anchor_of] = 1
+    best_box[anchor_of] = box_of
     positives = np.flatnonzero(match == 1)
     if len(positives) > train_anchors // 2:
         match[rng.choice(positives, len(positives) - train_anchors // 2, replace=False)] = 0
@@ -101,7 +120,8 @@ def training_targets(labels, model_config=None, rng=None):
     capacity, mask_size = int(config["max_instances"]), int(config["gt_mask_size"])
     boxes, masks = instance_boxes_and_masks(labels, capacity, mask_size)
     anchors = _anchors(size, tuple(config["anchor_scales"]), tuple(config["anchor_ratios"]))
-    match, deltas = rpn_targets(anchors, boxes, int(config["rpn_train_anchors"]), rng)
+    pairs = overlapping_pairs(boxes, size, tuple(config["anchor_scales"]), tuple(config["anchor_ratios"]))
+    match, deltas = rpn_targets(anchors, boxes, int(config["rpn_train_anchors"]), rng, pairs)
     count = len(boxes)
     gt_boxes = np.zeros((capacity, 4), np.float32)
     gt_boxes[:count] = boxes
