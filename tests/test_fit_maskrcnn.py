@@ -199,6 +199,16 @@ def test_fit_writes_an_instance_run_scored_through_the_engine(dsb_run, keras_ins
         predictor.predict_maps(record.image)
 
 
+def test_training_evaluate_scores_the_run_as_training_did(dsb_run, tmp_path):
+    from training.evaluate import evaluate_run
+
+    result = evaluate_run(dsb_run, out=str(tmp_path / "eval"), log=lambda message: None)
+    trained = json.load(open(os.path.join(dsb_run, "metrics.json")))
+    assert result["task"] == "instance"
+    assert result["mean"]["aji"] == pytest.approx(trained["mean"]["aji"], abs=1e-9)
+    assert {"metrics.json", "report.md", "overlays.png"} <= set(os.listdir(tmp_path / "eval"))
+
+
 def test_cli_writes_geojson_and_measurements(dsb_run, tmp_path):
     from kerasnuc.predict.__main__ import main
     from kerasnuc.runs import records_of_split

@@ -675,7 +675,9 @@ def summary_line(result):
                              ("pooled", "dice")),
             "detection": (("pooled", "precision"), ("pooled", "recall"), ("pooled", "f1"), ("mean", "f1")),
             "classification": (("pooled", "accuracy"), ("pooled", "macro_f1"), ("pooled", "weighted_f1"),
-                               ("pooled", "macro_roc_auc"))}[result["task"]]
+                               ("pooled", "macro_roc_auc"))}
+    keys["instance"] = keys["segmentation"]
+    keys = keys[result["task"]]
     parts = [f"{key} {result[where][key]:.4f} ({where})" for where, key in keys
              if isinstance(result.get(where, {}).get(key), (int, float))]
     for key in ("ua_entropy_pooled", "ua_variance_pooled"):

@@ -237,7 +237,7 @@ def classification_figures(out_dir, result, records, artifacts):
 
 def make_figures(out_dir, result, records, artifacts):
     """Draw the task's figures into ``out_dir``; returns [(file name, caption)]."""
-    draw = {"segmentation": segmentation_figures, "detection": detection_figures,
+    draw = {"segmentation": segmentation_figures, "instance": segmentation_figures, "detection": detection_figures,
             "classification": classification_figures}[result["task"]]
     return draw(out_dir, result, records, artifacts)
 
@@ -362,6 +362,7 @@ def write_report(path, result, figures, max_rows=60):
     per_image = result.get("per_image", [])
     if per_image:
         columns = {"segmentation": ("dice", "aji", "pq", "f1", "n_true", "n_pred", "ua_entropy"),
+                   "instance": ("dice", "aji", "pq", "f1", "n_true", "n_pred"),
                    "detection": ("precision", "recall", "f1", "n_true", "n_pred"),
                    "classification": ("n", "accuracy", "macro_f1")}[result["task"]]
         columns = [c for c in columns if c in per_image[0]]
