@@ -256,3 +256,18 @@ def test_saved_model_and_tflite_give_the_keras_instances(dsb_run, keras_instance
     lite_labels = lite.predict_instances(record.image)[0]
     assert metrics.object_scores(keras_labels, lite_labels)["f1"] > 0.98
     assert np.mean(keras_labels == lite_labels) > 0.99
+
+
+def test_multiple_inference_of_an_instance_model(shared_data):
+    """NucSeg's multiple inference runs an instance model's seven views through the same tiles:
+    with exact detections in every view, the vote keeps the nuclei one view finds."""
+    from kerasnuc import metrics
+    from kerasnuc.data.imageio import read_label_image
+    from kerasnuc.predict.engine import Predictor
+
+    truth = read_label_image(os.path.join(shared_data, MONUSEG))[:320, :320].astype(np.int32)
+    runtime = OracleRuntime(scale=float(truth.max()))
+    plain = Predictor(runtime).predict_instances(truth.astype(np.uint16))[0]
+    voted = Predictor(runtime, multiple_inference=True).predict_instances(truth.astype(np.uint16))[0]
+    assert plain.max() > 20
+    assert metrics.object_scores(plain, voted)["f1"] > 0.97
