@@ -578,7 +578,8 @@ def export_tflite(run_dir, quantize="float32", out=None, calibration=64, repeats
                                                  calibration, calibration_outliers, repeats, threads, max_images,
                                                  evaluate_model, log)
             base = os.path.splitext(out)[0]
-            stain_files = [".stain_model.keras"] if os.path.exists(os.path.splitext(staged)[0] + ".stain_model.keras") else []
+            stain_model = os.path.splitext(staged)[0] + ".stain_model.keras"  # a dcgmm run's network
+            stain_files = [".stain_model.keras"] if os.path.exists(stain_model) else []
             for suffix in (".json", ".report.json", ".report.md", *stain_files, ".tflite"):  # the model last
                 os.replace(os.path.splitext(staged)[0] + suffix, base + suffix)
             os.rmdir(staging)

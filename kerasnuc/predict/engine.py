@@ -300,8 +300,9 @@ class Predictor:
         ``image``: an (H, W[, C]) array or a view (:mod:`kerasnuc.predict.sources`, e.g. a
         slide). The table is a dict of equal-length columns (:func:`kerasnuc.predict.measure.measure`):
         id, centroid, bounding box, area, perimeter, eccentricity, solidity, mean intensity per
-        channel (of the original pixels, not the stain-normalised ones the network saw), and class / class probability with an attached classifier, mean uncertainty
-        for Monte-Carlo models; positions and sizes in level-0 pixels. ``labels_out``: an
+        channel (of the original pixels, not the stain-normalised ones the network saw), and
+        class / class probability with an attached classifier, mean uncertainty for Monte-Carlo
+        models; positions and sizes in level-0 pixels. ``labels_out``: an
         (H, W) array to write into (a zarr array for slides); ``progress(done, total)`` is
         called after each block. ``multiple_inference``: this call's choice (True, False or a
         list of dihedral views) instead of the predictor's.
