@@ -279,7 +279,7 @@ def test_broken_tflite_and_metadata(lite, tmp_path):
     assert message.startswith(f"serving.edge: {path[:-7]}.json: not valid JSON (")
     message, path = variant("notask", metadata={k: v for k, v in meta.items() if k != "task"})
     assert message == (f"serving.edge: {path[:-7]}.json: metadata task None is none of segmentation, detection, "
-                       "classification (not a python -m export.tflite metadata file?)")
+                       "classification, instance (not a python -m export.tflite metadata file?)")
     message, path = variant("claims_classes", metadata={**meta, "task": "classification"})
     assert message == (f"serving.edge: {path}: the model does not match its metadata: task 'classification' needs "
                        "class probabilities (N, classes), the model outputs per-pixel maps (N, ?, ?, 1)")
