@@ -197,3 +197,39 @@ def test_grey_images_pass_unchanged(macenko_run):
     grey = np.random.default_rng(0).integers(0, 255, (32, 32, 1), dtype=np.uint8)
     engine = Predictor(types.SimpleNamespace(meta={"stain": normalizer.to_dict(), "channels": 1}))
     np.testing.assert_array_equal(engine.model_pixels(grey), grey)
+
+
+def test_evaluation_and_split_records_leave_normalising_to_the_engine(tmp_path, tiles, model):
+    """training.evaluate reads the original images and its engine normalises them once:
+    its Dice is the Dice of the model on the normalised image; records_of_split gives the
+    original pixels unless asked (stain=True: int8 calibration, which bypasses the engine)."""
+    import cv2
+
+    from kerasnuc import metrics
+    from kerasnuc.predict.postprocess import instances
+    from kerasnuc.runs import records_of_split
+    from training import evaluate
+
+    labels_dir = os.path.join(os.path.dirname(MONUSEG), "labels")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "labels").mkdir()
+    image = tiles["source"]
+    truth = cv2.imread(os.path.join(labels_dir, os.path.basename(SOURCE)), cv2.IMREAD_UNCHANGED)[200:392, 300:492]
+    cv2.imwrite(str(tmp_path / "data" / "images" / "a.png"), image[..., ::-1])
+    cv2.imwrite(str(tmp_path / "data" / "labels" / "a.png"), truth)
+    normalizer = stain.make_normalizer("macenko").fit(tiles["template"])
+    run = tmp_path / "run"
+    stain_run(run, model, normalizer.to_dict(), {"method": "macenko", "template": TEMPLATE})
+    post = {"threshold": float(np.percentile(model_maps(model, normalizer.transform(image))[..., 0], 70)),
+            "min_area": 5}
+    write_run(str(run), model, model_config=UNET, postprocess=post, data=f"folder:{tmp_path / 'data'}",
+              split={"train": [], "val": [], "test": ["a"]}, stain={"method": "macenko", "template": TEMPLATE})
+
+    np.testing.assert_array_equal(records_of_split(str(run), "test")[0].image, image)
+    np.testing.assert_array_equal(records_of_split(str(run), "test", stain=True)[0].image,
+                                  normalizer.transform(image))
+    result = evaluate.evaluate_run(str(run), log=lambda line: None)
+    dice = {name: float(metrics.pixel_dice(truth > 0, instances(model_maps(model, pixels), post) > 0))
+            for name, pixels in (("once", normalizer.transform(image)), ("raw", image))}
+    assert abs(dice["once"] - dice["raw"]) > 1e-3
+    assert result["mean"]["dice"] == pytest.approx(dice["once"], abs=1e-6), (result["mean"], dice)
