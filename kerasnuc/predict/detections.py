@@ -99,6 +99,9 @@ def detect(predictor, image, value_range=None, margin=None):
     from kerasnuc.intensity import intensity_range, normalize_with_range
     from kerasnuc.predict.engine import _as_hwc
 
+    if predictor.static_shape is None:
+        raise ValueError(f"{getattr(predictor.runtime, 'path', 'model')}: an instance model needs its fixed input "
+                         "size (the runtime's static shape or the metadata's input_size) to be tiled to")
     image = _as_hwc(image)
     height, width = image.shape[:2]
     value_range = intensity_range(image, predictor.channels) if value_range is None else tuple(value_range)
