@@ -19,7 +19,10 @@ reassembled by keeping each tile's centre and post-processed with the export's t
 
 ``--save-maps`` also writes the model maps as ``<stem>_maps.npy``. The model's metadata
 (task, channels, tile, thresholds, classes) comes from its ``metadata`` signature, or
-from ``--metadata kerasnuc.json`` (``assets.extra/kerasnuc.json`` of the export).
+from ``--metadata kerasnuc.json`` (``assets.extra/kerasnuc.json`` of the export). Images are
+stain-normalised here, as training did, when the metadata has a ``stain`` (the engine does it
+before tiling); a dcgmm normaliser needs its network, ``assets.extra/stain_model.keras``, so
+give ``--metadata`` (the path in the metadata signature is relative to that folder).
 """
 
 import argparse

@@ -19,7 +19,10 @@ The .tflite takes the *normalised* model input (float32, or uint8 for int8 model
 the quantisation in the input tensor's parameters); this module normalises exactly as
 training did (:mod:`kerasnuc.predict.tiling`). Images larger than ``--tile`` are tiled with the
 whole image's intensity range. Monte-Carlo dropout models run ``--samples`` passes and
-also write ``<stem>_variance.npy``.
+also write ``<stem>_variance.npy``. A run trained on stain-normalised tiles is normalised the
+same way by the engine (the metadata's ``stain``): Reinhard, Macenko and Vahadane in NumPy; a
+dcgmm normaliser runs its E-step network (``<model>.stain_model.keras`` beside the .tflite),
+which needs Keras and a backend on the device.
 
 A static model (``export.tflite --input-size``: edge accelerators need fixed shapes) is
 never resized: every image runs in tiles of exactly its H x W, whatever ``--tile`` says
