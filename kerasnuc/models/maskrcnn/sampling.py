@@ -43,7 +43,8 @@ def crop_masks(masks, mask_boxes, boxes, mask_index, size):
     width = ops.maximum(owner[..., 3] - owner[..., 1], 1e-6)
     ys = bin_points(boxes[..., 0], boxes[..., 2] - boxes[..., 0], size)
     xs = bin_points(boxes[..., 1], boxes[..., 3] - boxes[..., 1], size)
-    # image pixels -> pixel-index units of the padded mask (its pixel k centred at k + 0.5 - 1 ... )
+    # image pixels -> pixel-index units of the padded mask: mask pixel k (centre at k + 0.5 box-relative
+    # mask units) is row k + 1 of the padded mask
     ys = (ys - owner[..., 0:1]) / height[..., None] * side - 0.5 + 1.0
     xs = (xs - owner[..., 1:2]) / width[..., None] * side - 0.5 + 1.0
     image = ops.arange(batch, dtype="int32")[:, None]
