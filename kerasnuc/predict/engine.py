@@ -11,7 +11,9 @@ range), and a nucleus is kept by exactly one block: the one whose core holds its
 provided it does not touch the block's context border (where it may be cut). Ids are
 global and the full-size float map never exists. With ``multiple_inference`` (NucSeg) each
 block is predicted in 7 views whose instances vote (anchored on the original view's nuclei)
-before the responsibility rule decides which block keeps a nucleus.
+before the responsibility rule decides which block keeps a nucleus. An instance model (task
+"instance", Mask R-CNN) gives detections instead of maps: each block goes through tiles of its
+fixed input size and :mod:`kerasnuc.predict.detections` turns them into the block's nuclei.
 
 Stain normalisation: a run trained on stain-normalised tiles (``meta["stain"]``, its stain.json)
 gets the same normaliser here, applied exactly once to the pixels of each image or block
