@@ -187,6 +187,9 @@ def test_training_targets_of_a_real_dsb_crop(dsb_crop):
     overlap = iou_np(decoded, targets["gt_boxes"][:count]).max(axis=1)
     np.testing.assert_allclose(overlap, 1.0, atol=1e-4)
     assert not targets["rpn_deltas"][match != 1].any()
+    empty = training_targets(np.zeros((128, 128), np.int32), config, np.random.default_rng(0))
+    assert not empty["gt_class_ids"].any() and (empty["rpn_match"] == -1).sum() == 64
+    assert not (empty["rpn_match"] == 1).any() and not empty["rpn_deltas"].any()
     with pytest.raises(ValueError, match="do not match the model input 128"):
         training_targets(labels[:64], config)
 
