@@ -46,14 +46,14 @@ def non_max_suppression(boxes, scores, max_output, iou_threshold, valid=None):
     upper = ops.triu(ops.ones((count, count), "float32"), k=1)
     suppressor = ops.cast(iou(sorted_boxes, sorted_boxes) > iou_threshold, "float32") * upper[None]
 
-    def unchanged(keep, previous):
+    def changed(keep, previous):
         return ops.any(ops.not_equal(keep, previous))
 
     def step(keep, previous):
         return _suppression_pass(keep, suppressor, sorted_valid), keep
 
     first = _suppression_pass(sorted_valid, suppressor, sorted_valid)
-    keep, _ = ops.while_loop(unchanged, step, (first, sorted_valid), maximum_iterations=count)
+    keep, _ = ops.while_loop(changed, step, (first, sorted_valid), maximum_iterations=count)
     # kept boxes first, in score order: rank key count - position, 0 for dropped boxes
     rank = ops.cast(count - ops.arange(count), "float32")[None]
     key, position = ops.top_k(keep * rank, min(max_output, count))
