@@ -16,6 +16,10 @@ import pytest
 
 from training import distribute
 
+# Two XLA host devices; a collective waits up to 10 minutes for the other device's thread (XLA's
+# default, 40 s, aborts the process when a loaded 2-core CI machine starves one thread).
+TWO_CPU_DEVICES_XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny and exactly decomposable: no BatchNorm (per-replica statistics under tf.distribute),
 # no dropout, no augmentation, a per-pixel loss (a batch Dice is not a mean of per-replica
@@ -102,7 +106,7 @@ def test_mirrored_on_two_cpus_equals_one_device(tmp_path):
 def test_data_parallel_on_two_jax_devices_and_on_two_processes_equals_one_device(tmp_path):
     pytest.importorskip("jax")
     one, many, log = _fit_both(tmp_path, "jax", "data_parallel",
-                               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                               XLA_FLAGS=TWO_CPU_DEVICES_XLA_FLAGS)
     assert "distribute: data_parallel over 2 devices" in log and "4 crops per device" in log
     _assert_same_training(one, many)
 
@@ -153,7 +157,7 @@ with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).
 def test_a_short_last_batch_is_cut_to_whole_device_multiples():
     pytest.importorskip("jax")
     result = subprocess.run([sys.executable, "-c", SHORT_LAST_BATCH], cwd=ROOT, capture_output=True, text=True,
-                            env=_env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                            env=_env(KERAS_BACKEND="jax", XLA_FLAGS=TWO_CPU_DEVICES_XLA_FLAGS),
                             timeout=200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batches [4, 2]" in result.stdout and "evaluated [" in result.stdout

@@ -8,12 +8,13 @@ import signal
 import numpy as np
 import pytest
 
+from tests.test_distributed import TWO_CPU_DEVICES_XLA_FLAGS
 from tests.test_resume import _fit, _history, _wait_for_epoch
 
 ARGS = ["--data", "sample", "--epochs", "3", "--steps-per-epoch", "8", "--tile", "64", "--batch-size", "4",
         "--model", "unet", "--model-config", '{"filters": 4, "depth": 2, "dropout": 0.2}', "--seed", "4",
         "--distribute", "data_parallel"]
-TWO_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TWO_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": TWO_CPU_DEVICES_XLA_FLAGS}
 
 
 @pytest.fixture(autouse=True)
