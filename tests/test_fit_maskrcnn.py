@@ -257,6 +257,17 @@ def test_saved_model_and_tflite_give_the_keras_instances(dsb_run, keras_instance
     assert metrics.object_scores(keras_labels, lite_labels)["f1"] > 0.98
     assert np.mean(keras_labels == lite_labels) > 0.99
 
+    # serving.edge (LiteRT only) segments with the same engine
+    import cv2
+
+    from serving import edge
+
+    image = str(tmp_path / "image.png")
+    cv2.imwrite(image, record.image if record.image.shape[-1] == 1 else record.image[..., ::-1])
+    edge.main([path, "segment", image, "--out", str(tmp_path / "edge")])
+    edge_labels = cv2.imread(str(tmp_path / "edge" / "image_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert edge_labels.max() == lite_labels.max() and np.array_equal(edge_labels > 0, lite_labels > 0)
+
 
 def test_multiple_inference_of_an_instance_model(shared_data):
     """NucSeg's multiple inference runs an instance model's seven views through the same tiles:
