@@ -38,7 +38,6 @@ and says so. Nothing here imports TensorFlow or Keras (``tests/test_edge.py`` ch
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time

@@ -18,7 +18,6 @@ evaluation with one line naming it, or with ``--skip-bad`` is left out and liste
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
