@@ -16,7 +16,6 @@ neighbour (flips and rot90 exactly; free rotation and elastic deformation too, w
 mixing ids), and become float32 only after renumbering.
 """
 
-import itertools
 
 import numpy as np
 
@@ -114,27 +113,30 @@ def postprocess_defaults(config):
 
 def tune_postprocess(maps, records, defaults, log):
     """Grid-search seed_threshold and the foreground threshold for the best mean AJI."""
-    from kerasnuc import metrics
     from kerasnuc.predict.postprocess import instances
+    from training.segmentation import best_by_aji
 
-    best, best_score = dict(defaults), -1.0
-    for seed_threshold, threshold in itertools.product(SEED_THRESHOLDS, FOREGROUND_THRESHOLDS):
-        params = {**defaults, "seed_threshold": seed_threshold, "threshold": threshold}
-        score = float(np.mean([metrics.aggregated_jaccard_index(r.labels, instances(m, params))
-                               for m, r in zip(maps, records)]))
-        if score > best_score:
-            best, best_score = params, score
+    best, best_score = best_by_aji(defaults, {"seed_threshold": SEED_THRESHOLDS, "threshold": FOREGROUND_THRESHOLDS},
+                                   lambda params, i: instances(maps[i], params), records)
     log(f"clustering tuned on {len(records)} validation images: seed_threshold {best['seed_threshold']}, "
         f"threshold {best['threshold']} (AJI {best_score:.3f})")
     return best, best_score
+
+
+def _add_ua(summary, result):
+    """BayesNuSeg's uncertainty accuracy (UA), from the predictive variance over all test pixels."""
+    for key in ("ua_variance_pooled", "ua_entropy_pooled"):
+        if result.get("uncertainty", {}).get(key) is not None:
+            summary[key] = float(result["uncertainty"][key])
+    if "ua_variance_pooled" in summary:
+        summary["ua"] = summary["ua_variance_pooled"]
 
 
 def run_task(config, run, records, split, log):
     """Train, tune, evaluate (as :func:`training.segmentation.run_task`, with this family's
     target, loss and clustering)."""
     from training import evaluate as scorer
-    from training import plots
-    from training.segmentation import train_and_reload
+    from training.segmentation import score_held_out, train_and_reload
 
     train_records, val_records, test_records = records_of(records, split)
     history, multiple, model, train_seconds = train_and_reload(train, config, run, train_records, val_records, log)
@@ -148,28 +150,8 @@ def run_task(config, run, records, split, log):
         params, val_score = tune_postprocess(maps, val_records, params, log)
     run.write_json("thresholds.json", thresholds_record("segmentation", params, "aji", val_score))
 
-    result, artifacts = scorer.evaluate_segmentation(
-        test_records, lambda record: scorer.predict_record(model, record, settings, engine), params, settings,
-        log=lambda message: None)
-    summary, per_image, found = dict(result["mean"]), result["per_image"], artifacts["instances"]
-    summary["dice_pooled"] = float(result["pooled"]["dice"])
-    summary["iou_pooled"] = float(result["pooled"]["iou"])
-    for key in ("ua_variance_pooled", "ua_entropy_pooled"):
-        if result.get("uncertainty", {}).get(key) is not None:
-            summary[key] = float(result["uncertainty"][key])
-    if "ua_variance_pooled" in summary:  # BayesNuSeg's UA: from the predictive variance, all test pixels
-        summary["ua"] = summary["ua_variance_pooled"]
-    run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), **result, "mean": summary,
-        "postprocess": params, "epochs": len(history.get("loss", [])),
-        "train_seconds": round(train_seconds, 1), "mc_samples": passes,
-        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
-    })
-    if test_records:
-        picks = artifacts["picks"]
-        panels = [plots.overlay(test_records[i].image, test_records[i].labels, found[i]) for i in picks]
-        titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in picks]
-        plots.save_overlays(panels, run.file("overlay.png"), titles)
+    summary, _ = score_held_out(run, model, engine, settings, test_records, params, history, train_seconds,
+                                pooled=("dice", "iou"), record={"mc_samples": passes}, summarise=_add_ua)
     log(f"test ({len(test_records)} images): pixel F1 (Dice) {summary.get('dice', float('nan')):.3f}, "
         f"IoU {summary.get('iou', float('nan')):.3f}, AJI {summary.get('aji', float('nan')):.3f}, "
         f"PQ {summary.get('pq', float('nan')):.3f}"

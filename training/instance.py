@@ -19,7 +19,6 @@ instance metrics of :func:`training.evaluate.evaluate_segmentation`: Dice, IoU, 
 precision / recall / F1 of matched nuclei) and overlay.png.
 """
 
-import itertools
 
 import numpy as np
 
@@ -107,17 +106,12 @@ def postprocess_defaults(config):
 def tune_postprocess(engine, records, defaults, log):
     """Grid-search score and mask thresholds for the best mean AJI on validation images; the
     network runs once per image (:func:`kerasnuc.predict.detections.detect`)."""
-    from kerasnuc import metrics
     from kerasnuc.predict.detections import detect, instances_from_tiles
+    from training.segmentation import best_by_aji
 
     found = [detect(engine, record.image) for record in records]
-    best, best_score = dict(defaults), -1.0
-    for score_threshold, mask_threshold in itertools.product(SCORE_THRESHOLDS, MASK_THRESHOLDS):
-        params = {**defaults, "score_threshold": score_threshold, "mask_threshold": mask_threshold}
-        score = float(np.mean([metrics.aggregated_jaccard_index(r.labels, instances_from_tiles(d, params))
-                               for d, r in zip(found, records)]))
-        if score > best_score:
-            best, best_score = params, score
+    best, best_score = best_by_aji(defaults, {"score_threshold": SCORE_THRESHOLDS, "mask_threshold": MASK_THRESHOLDS},
+                                   lambda params, i: instances_from_tiles(found[i], params), records)
     log(f"thresholds tuned on {len(records)} validation images: score {best['score_threshold']}, "
         f"mask {best['mask_threshold']} (AJI {best_score:.3f})")
     return best, best_score
@@ -127,8 +121,7 @@ def run_task(config, run, records, split, log):
     """Train, tune, evaluate; writes model.keras, history.csv, curves.png, thresholds.json,
     metrics.json and overlay.png into ``run``."""
     from training import evaluate as scorer
-    from training import plots
-    from training.segmentation import train_and_reload
+    from training.segmentation import score_held_out, train_and_reload
 
     if config.self_correction:
         import sys
@@ -144,22 +137,8 @@ def run_task(config, run, records, split, log):
     run.write_json("thresholds.json", thresholds_record("instance", params, "aji", val_score))
 
     engine.meta["postprocess"] = dict(params)
-    result, artifacts = scorer.evaluate_segmentation(
-        test_records, lambda record: scorer.predict_record(model, record, settings, engine), params, settings,
-        log=lambda message: None)
-    summary, per_image, found = dict(result["mean"]), result["per_image"], artifacts["instances"]
-    summary["dice_pooled"] = float(result["pooled"]["dice"])
-    summary["f1_pooled"] = float(result["pooled"]["f1"])
-    run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), **result, "mean": summary,
-        "postprocess": params, "epochs": len(history.get("loss", [])),
-        "train_seconds": round(train_seconds, 1),
-        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
-    })
-    if test_records:
-        panels = [plots.overlay(test_records[i].image, test_records[i].labels, found[i]) for i in artifacts["picks"]]
-        titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in artifacts["picks"]]
-        plots.save_overlays(panels, run.file("overlay.png"), titles)
+    summary, _ = score_held_out(run, model, engine, settings, test_records, params, history, train_seconds,
+                                pooled=("dice", "f1"))
     log(f"test ({len(test_records)} images): Dice {summary.get('dice', float('nan')):.3f}, "
         f"AJI {summary.get('aji', float('nan')):.3f}, PQ {summary.get('pq', float('nan')):.3f}, "
         f"F1 {summary.get('f1', float('nan')):.3f}")

@@ -82,13 +82,8 @@ def held_out_engine(model, config, multiple):
 
 def tune_postprocess(probabilities, records, defaults, log):
     """Grid-search threshold and marker distance for the best mean AJI on validation images."""
-    best, best_score = dict(defaults), -1.0
-    for threshold, min_distance in itertools.product(THRESHOLDS, MIN_DISTANCES):
-        params = {**defaults, "threshold": threshold, "min_distance": min_distance}
-        score = np.mean([metrics.aggregated_jaccard_index(r.labels, instances_from_probability(p, **params))
-                         for p, r in zip(probabilities, records)])
-        if score > best_score:
-            best, best_score = params, float(score)
+    best, best_score = best_by_aji(defaults, {"threshold": THRESHOLDS, "min_distance": MIN_DISTANCES},
+                                   lambda params, i: instances_from_probability(probabilities[i], **params), records)
     log(f"post-processing tuned on {len(records)} validation images: {best} (AJI {best_score:.3f})")
     return best, best_score
 
@@ -131,22 +126,53 @@ def run_task(config, run, records, split, log):
     settings = scorer.Settings(channels=config.channels, multiple=multiple,
                                mc_samples=config.mc_samples if models.is_stochastic(model) else 1)
     engine = scorer.engine_for(model, settings)
-    result, artifacts = scorer.evaluate_segmentation(
-        test_records, lambda record: scorer.predict_record(model, record, settings, engine), params, settings,
-        log=lambda message: None)
-    summary, per_image, instances = dict(result["mean"]), result["per_image"], artifacts["instances"]
-    summary["dice_pooled"] = float(result["pooled"]["dice"])
-    run.write_json("metrics.json", {
-        "split": "test", "images": len(test_records), **result, "mean": summary,
-        "postprocess": params, "epochs": len(history.get("loss", [])),
-        "train_seconds": round(train_seconds, 1),
-        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
-    })
-    order = np.argsort([row["aji"] for row in per_image])
-    picks = [order[-1], order[len(order) // 2], order[0]][: len(order)]
-    panels = [plots.overlay(test_records[i].image, test_records[i].labels, instances[i]) for i in picks]
-    titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in picks]
-    plots.save_overlays(panels, run.file("overlay.png"), titles)
+    summary, _ = score_held_out(run, model, engine, settings, test_records, params, history, train_seconds)
     log(f"test ({len(test_records)} images): Dice {summary['dice']:.3f}, AJI {summary['aji']:.3f}, "
         f"PQ {summary.get('pq', float('nan')):.3f}")
     return summary
+
+
+def best_by_aji(defaults, grid, labels_of, records):
+    """Grid search of post-processing parameters for the best mean AJI on ``records`` (validation):
+    ``grid`` {name: values}; ``labels_of(params, index)`` the instances of record ``index`` under
+    ``params`` (from network outputs computed once). Returns (best params, its mean AJI)."""
+    names = list(grid)
+    best, best_score = dict(defaults), -1.0
+    for values in itertools.product(*(grid[name] for name in names)):
+        params = {**defaults, **dict(zip(names, values))}
+        score = float(np.mean([metrics.aggregated_jaccard_index(r.labels, labels_of(params, i))
+                               for i, r in enumerate(records)]))
+        if score > best_score:
+            best, best_score = params, score
+    return best, best_score
+
+
+def score_held_out(run, model, engine, settings, test_records, params, history, train_seconds,
+                   pooled=("dice",), record=None, summarise=None):
+    """The held-out score of every instance family (U-Net ... BayesNuSeg, Mask R-CNN): training.evaluate's
+    evaluator through the engine, one metrics.json layout, overlay.png of the best, median and worst test
+    image. ``pooled``: pooled figures copied into the summary as ``<name>_pooled``; ``record``: extra
+    metrics.json keys; ``summarise(summary, result)``: adds a family's own figures to the summary before
+    it is written. Returns (summary, the evaluator's result)."""
+    from training import evaluate as scorer
+
+    result, artifacts = scorer.evaluate_segmentation(
+        test_records, lambda image: scorer.predict_record(model, image, settings, engine), params, settings,
+        log=lambda message: None)
+    summary, per_image, found = dict(result["mean"]), result["per_image"], artifacts["instances"]
+    for key in pooled:
+        summary[f"{key}_pooled"] = float(result["pooled"][key])
+    if summarise is not None:
+        summarise(summary, result)
+    run.write_json("metrics.json", {
+        "split": "test", "images": len(test_records), **result, "mean": summary,
+        "postprocess": params, "epochs": len(history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1), **(record or {}),
+        "best_val_loss": float(min(history["val_loss"])) if history.get("val_loss") else None,
+    })
+    if test_records:
+        picks = artifacts["picks"]
+        panels = [plots.overlay(test_records[i].image, test_records[i].labels, found[i]) for i in picks]
+        titles = [f"{test_records[i].name[:10]} AJI {per_image[i]['aji']:.2f}" for i in picks]
+        plots.save_overlays(panels, run.file("overlay.png"), titles)
+    return summary, result
