@@ -56,6 +56,9 @@ def _nucseg_published():
 
 
 PUBLISHED[("instance", "monuseg", "maskrcnn")] = _nucseg_published()
+# NucSeg reports no DSB 2018 figures; the instance metrics it uses, ours only
+PUBLISHED[("instance", "dsb2018", "maskrcnn")] = [(m, None, "") for m in ("precision_dice02", "recall_dice02",
+                                                                         "f1_dice02", "dice", "aji")]
 
 
 def dataset_key(spec):
