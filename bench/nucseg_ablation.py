@@ -102,7 +102,16 @@ def run_info(run_dir):
             "stain": (config.get("stain") or {}).get("method") or "none",
             "split": split.get("split") or config.get("split") or "seeded fractions",
             "test_images": len(split.get("test", [])), "epochs": config.get("epochs"),
+            "epochs_run": _epochs_run(run.path),
             "model_config": config.get("model_config"), "backend": config.get("backend")}
+
+
+def _epochs_run(path):
+    """Epochs the run reached (its metrics.json), or None."""
+    from kerasnuc import runs
+
+    metrics = os.path.join(path, "metrics.json")
+    return runs.read_json_object(metrics).get("epochs") if os.path.isfile(metrics) else None
 
 
 def table(rows, runs_info):
@@ -124,11 +133,30 @@ def table(rows, runs_info):
             if group:
                 lines.append(f"| {row['row']} | {name} ({group['images']}) | "
                              + " | ".join(f"{group['mean'][m]:.3f}" for m in METRICS) + " |")
-    lines += ["", "| run | model | stain | split | test images | epochs | backend |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | model | stain | split | test images | epochs run (of) | backend |",
+              "|---|---|---|---|---|---|---|"]
     for info in runs_info:
         lines.append(f"| {info['run']} | {info['model']} ({info['task']}) | {info['stain']} | {info['split']} | "
-                     f"{info['test_images']} | {info['epochs']} | {info['backend']} |")
+                     f"{info['test_images']} | {info.get('epochs_run', '?')} ({info['epochs']}) | {info['backend']} |")
     return "\n".join(lines)
+
+
+def predict_rows(runs_given, baselines, info, limit=None):
+    """The four NucSeg rows (and one per baseline run) through the engine."""
+    from kerasnuc.predict import load
+
+    rows, loaded = [], {}
+    variants = list(VARIANTS) + [(f"baseline {run_info(run)['model']}", 2 + i, False)
+                                 for i, run in enumerate(baselines)]
+    for row, which, multiple in variants:
+        run = (runs_given + baselines)[which]
+        if run not in loaded:  # each run's model and test images once, for both of its rows
+            loaded[run] = (load(run), test_images(run, limit))
+        predictor, records = loaded[run]
+        print(f"{row}: {run} {'with' if multiple else 'without'} multiple inference", flush=True)
+        rows.append({"row": row, "run": run, "multiple_inference": multiple, "stain": info[which]["stain"],
+                     **evaluate(predictor, records, multiple, os.path.basename(run.rstrip("/")))})
+    return rows
 
 
 def main(argv=None):
@@ -138,6 +166,9 @@ def main(argv=None):
     parser.add_argument("--baseline", action="append", default=[], metavar="RUN",
                         help="another run (e.g. U-Net on the same split) scored beside the four rows, "
                              "without multiple inference; repeatable")
+    parser.add_argument("--render", metavar="JSON",
+                        help="rebuild the .md from an earlier run's .json (its rows and runs) with the current "
+                             "PUBLISHED figures and run details, without predicting again")
     parser.add_argument("--limit", type=int, help="only the first N test images of each run (a quick look)")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--name", default="nucseg_ablation", help="file stem in --results")
@@ -151,19 +182,12 @@ def main(argv=None):
         if item["split"] != "monuseg_organ":
             print(f"bench/nucseg_ablation.py: note: {item['run']} used split '{item['split']}', not the "
                   "organ-wise monuseg_organ of the paper", file=sys.stderr)
-    from kerasnuc.predict import load
+    if args.render:  # the rows of an earlier run, with today's PUBLISHED and run details
+        from kerasnuc import runs
 
-    rows, loaded = [], {}
-    variants = list(VARIANTS) + [(f"baseline {run_info(run)['model']}", 2 + i, False)
-                                 for i, run in enumerate(args.baseline)]
-    for row, which, multiple in variants:
-        run = (runs_given + args.baseline)[which]
-        if run not in loaded:  # each run's model and test images once, for both of its rows
-            loaded[run] = (load(run), test_images(run, args.limit))
-        predictor, records = loaded[run]
-        print(f"{row}: {run} {'with' if multiple else 'without'} multiple inference", flush=True)
-        rows.append({"row": row, "run": run, "multiple_inference": multiple, "stain": info[which]["stain"],
-                     **evaluate(predictor, records, multiple, os.path.basename(run.rstrip("/")))})
+        rows = runs.read_json_object(args.render)["rows"]
+    else:
+        rows = predict_rows(runs_given, args.baseline, info, args.limit)
     os.makedirs(args.results, exist_ok=True)
     result = {"rows": rows, "runs": info, "published": PUBLISHED, "published_source": PUBLISHED_SOURCE,
               "machine": platform.node(), "limit": args.limit}
