@@ -33,7 +33,11 @@ leaves nothing (errors: one line, exit status 1).
 Quantisation: ``float16`` weights; ``dynamic`` int8 weights, float activations; ``int8``
 full-integer (weights and activations, uint8 input and output), calibrated by a
 representative dataset of crops (patches for classifiers) of the run's *training* images
-(split.json + the data spec in config.json, stain-normalised like training).
+(split.json + the data spec in config.json, stain-normalised like training). A Mask R-CNN
+keeps its detection layers (``Float32Layer``: proposals and NMS, RoIAlign, detections,
+class masks) in float32 inside the int8 model and gives float32 outputs: quantised to int8,
+box coordinates lose sub-pixel precision and an IoU union of padding boxes rounds to a zero
+divisor, which LiteRT's int8 DIV refuses at invoke.
 
 Conversion goes through a float32 copy of the model when needed: a model trained under a
 mixed-precision policy is rebuilt from its config under float32 and given the same
@@ -213,10 +217,14 @@ def int8_error(content, model, meta, samples):
         with open(path, "wb") as handle:
             handle.write(content)
         lite = LiteModel(path, meta)
-        outputs = np.concatenate([lite.run(sample) for sample in samples])
+        outputs = [lite.run(sample) for sample in samples]
     keras_runtime = _keras_engine(model, meta).runtime  # both sides through the engine's runtimes
-    reference = np.concatenate([keras_runtime.run(sample) for sample in samples])
-    return float(np.mean(np.abs(outputs - reference)))
+    reference = [keras_runtime.run(sample) for sample in samples]
+    if isinstance(outputs[0], tuple):  # an instance model's (boxes, scores, masks): summed per output
+        return float(sum(np.mean(np.abs(np.concatenate([o[k] for o in outputs]) -
+                                        np.concatenate([r[k] for r in reference])))
+                         for k in range(len(outputs[0]))))
+    return float(np.mean(np.abs(np.concatenate(outputs) - np.concatenate(reference))))
 
 
 def nucleus_patches(records, meta):
@@ -260,10 +268,47 @@ def convert(model, quantize, representative=None):
             raise ValueError("int8 needs representative inputs")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([x] for x in representative)
+        float_layers = float32_layers(model)
+        if float_layers:
+            return _int8_keeping_float(converter, float_layers)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.uint8
     return converter.convert()
+
+
+def float32_layers(model):
+    """Names of the model's layers that an int8 export keeps in float32: the Mask R-CNN
+    ``Float32Layer`` s, whose box arithmetic needs float32 under any dtype policy (see the
+    module docstring); empty for every other family, whose int8 export is unchanged."""
+    from kerasnuc.models.maskrcnn.float32 import Float32Layer
+
+    return [layer.name for layer in model.layers if isinstance(layer, Float32Layer)]
+
+
+def _int8_keeping_float(converter, float_layers):
+    """int8 .tflite bytes (uint8 input, float32 outputs) whose ops inside ``float_layers``
+    stay float32: the converter calibrates only, then the MLIR quantiser runs with those ops
+    denylisted. (``TFLiteConverter`` has no public denylist; this is the call that
+    ``tf.lite.experimental.QuantizationDebugger`` makes for its ``denylisted_nodes``.)"""
+    import re
+
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    # TF op names carry the Keras layer's name scope, suffixed "_<n>" when traced again
+    inside = re.compile("/(" + "|".join(re.escape(name) for name in float_layers) + r")(_\d+)?/")
+    interpreter = Interpreter(model_content=calibrated)
+    nodes = sorted({interpreter._get_tensor_details(index, 0)["name"]
+                    for op in interpreter._get_ops_details() for index in op["outputs"]
+                    if inside.search(interpreter._get_tensor_details(index, 0)["name"])})
+    if not nodes:
+        raise ValueError(f"int8: no converted op belongs to the float32 layers {float_layers}")
+    return mlir_quantize(calibrated, disable_per_channel=converter._experimental_disable_per_channel,
+                         input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=nodes)
 
 
 def _io_details(path):
