@@ -79,7 +79,6 @@ def build_model(config):
 
 def train(config, run, train_records, val_records, log):
     """Fit; the best epoch by validation loss is saved as model.keras."""
-    from kerasnuc.data.augment import Augmenter
     from training.callbacks import fit_into_run
 
     multiple = input_multiple(config.model, config.model_config)
@@ -88,14 +87,9 @@ def train(config, run, train_records, val_records, log):
     model = build_model(config)
     log(f"model {config.model}: {model.count_params():,} parameters, input multiple {multiple}, "
         f"output {model.output_shape[-1]} channels (seed..., offset_y, offset_x, sigma)")
-    augmenter = Augmenter(**config.augment) if config.augment else None
-    common = {"tile": config.tile, "batch_size": config.batch_size, "channels": config.channels}
-    train_data = EmbeddingDataset(train_records, steps=config.steps_per_epoch or None, augmenter=augmenter,
-                                  seed=config.seed, workers=config.workers, **common)
-    # validation: fixed crops (its own seed); with steps_per_epoch as many batches as an epoch
-    # trains, else one pass over the validation pixels
-    val_data = (EmbeddingDataset(val_records, steps=config.steps_per_epoch or None, seed=config.seed + 1, **common)
-                if val_records else None)
+    from training.segmentation import crop_datasets
+
+    train_data, val_data = crop_datasets(EmbeddingDataset, config, train_records, val_records)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
     history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)

@@ -73,7 +73,6 @@ def build(config):
 def train(config, run, train_records, val_records, log):
     """Fit the trainer; the inference model of the best epoch (validation loss) is saved as
     model.keras. Returns (history, input multiple)."""
-    from kerasnuc.data.augment import Augmenter
     from kerasnuc.models.geometry import input_multiple
     from training.callbacks import fit_into_run
 
@@ -83,13 +82,10 @@ def train(config, run, train_records, val_records, log):
     multiple = input_multiple(config.model, config.model_config)
     log(f"model {config.model}: {model.count_params():,} parameters, input {config.tile}x{config.tile} "
         f"(multiple {multiple})")
-    augmenter = Augmenter(**config.augment) if config.augment else None
-    common = {"tile": config.tile, "batch_size": config.batch_size, "channels": config.channels,
-              "model_config": model_config_of(config)}
-    train_data = InstanceDataset(train_records, steps=config.steps_per_epoch or None, augmenter=augmenter,
-                                 seed=config.seed, workers=config.workers, **common)
-    val_data = (InstanceDataset(val_records, steps=config.steps_per_epoch or None, seed=config.seed + 1, **common)
-                if val_records else None)
+    from training.segmentation import crop_datasets
+
+    train_data, val_data = crop_datasets(InstanceDataset, config, train_records, val_records,
+                                         model_config=model_config_of(config))
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
     history = fit_into_run(trainer, run, train_data, val_data, config.epochs, log, config.time_budget, save=model)

@@ -88,6 +88,20 @@ def tune_postprocess(probabilities, records, defaults, log):
     return best, best_score
 
 
+def crop_datasets(dataset_class, config, train_records, val_records, **options):
+    """(training, validation) datasets of random crops for the instance-target families: training
+    augmented on ``config.workers`` workers; validation fixed crops (its own seed) with as many
+    batches as an epoch trains (``steps_per_epoch``), else one pass; None without validation images.
+    ``options``: further dataset arguments for both (e.g. ``model_config``)."""
+    augmenter = Augmenter(**config.augment) if config.augment else None
+    common = {"tile": config.tile, "batch_size": config.batch_size, "channels": config.channels,
+              "steps": config.steps_per_epoch or None, **options}
+    train_data = dataset_class(train_records, augmenter=augmenter, seed=config.seed, workers=config.workers,
+                               **common)
+    val_data = dataset_class(val_records, seed=config.seed + 1, **common) if val_records else None
+    return train_data, val_data
+
+
 def train_and_reload(train_fn, config, run, train_records, val_records, log):
     """Run ``train_fn`` (a task's ``train``), plot its curves and reload the saved best model:
     (history, input multiple, model, training seconds)."""
