@@ -13,6 +13,7 @@ PROVENANCE_KEYS = ("_comment", "precision_used", "kerasnuc_version", "keras_vers
                    "data_relocated_from")
 TASKS = ("segmentation", "detection", "classification", "instance")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+SEGMENTATION_TARGETS = ("foreground", "three_class")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class FitConfig:
     """Dataset spec: 'sample' (shipped DSB 2018 subset) or FORMAT:PATH."""
     test_data: str = ""
     """Optional dataset spec scored as the held-out test set (then 'data' is split into train/val only)."""
+    extra_train_data: list = field(default_factory=list)
+    """More training images, never validated or tested on: dataset specs, or {"data": SPEC, "only":
+    "colour"} to take only a set's colour images (e.g. the brightfield H&E images of DSB 2018)."""
     channels: int = 3
     """Model input channels: 1 (grey) or 3 (RGB); images are converted."""
     mpp: float = 0.0
@@ -64,6 +68,10 @@ class FitConfig:
                                                        "min_area": 10})
     """Starting post-processing parameters; tuned on the validation split."""
     tune_postprocess: bool = True
+    target: str = "foreground"
+    """Segmentation target: 'foreground' (one sigmoid channel; watershed seeded by distance peaks) or
+    'three_class' (softmax background / inside / boundary, model_config out_channels 3; the watershed
+    is seeded by the inside cores, which separates touching nuclei; loss 'cce_dice')."""
     density_sigma: float = 2.0
     """Detection: sigma (pixels) of the Gaussian put on every nucleus centre."""
     match_radius: float = 6.0
@@ -140,8 +148,13 @@ class FitConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         self._validate_self_correction()
+        self._validate_target()
         if self.split and (self.folds >= 2 or self.test_data):
             raise ValueError(f"split '{self.split}' fixes train/val/test: it excludes folds and test_data")
+        for extra in self.extra_train_data:
+            spec, only = extra_spec(extra)
+            if only not in ("", "colour", "grey"):
+                raise ValueError(f"extra_train_data {spec}: 'only' must be 'colour' or 'grey', got '{only}'")
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
         from training.distribute import check_choice
@@ -154,6 +167,20 @@ class FitConfig:
         if self.task != "classification" and self.tile % multiple:
             raise ValueError(f"tile {self.tile} must be divisible by the input multiple {multiple} of {self.model}")
         return self
+
+    def _validate_target(self):
+        if self.target not in SEGMENTATION_TARGETS:
+            raise ValueError(f"target must be one of {SEGMENTATION_TARGETS}, got '{self.target}'")
+        if self.target == "foreground":
+            return
+        if self.task != "segmentation":
+            raise ValueError(f"target '{self.target}' is for the segmentation task, not '{self.task}'")
+        channels = int(self.model_config.get("out_channels", 1))
+        if channels != 3:
+            raise ValueError(f"target 'three_class' needs model_config out_channels 3, got {channels}")
+        if self.loss not in ("cce_dice", "categorical_focal"):
+            raise ValueError(f"target 'three_class' trains a softmax: loss 'cce_dice' (or 'categorical_focal'), "
+                             f"got '{self.loss}'")
 
     def _validate_self_correction(self):
         if self.self_correction < 0:
@@ -188,6 +215,15 @@ class FitConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def extra_spec(extra):
+    """(dataset spec, selection '' / 'colour' / 'grey') of one extra_train_data entry."""
+    if isinstance(extra, str):
+        return extra, ""
+    if not isinstance(extra, dict) or "data" not in extra:
+        raise ValueError(f"extra_train_data entries are dataset specs or {{'data': SPEC, 'only': ...}}, got {extra!r}")
+    return extra["data"], extra.get("only", "")
 
 
 def field_help():

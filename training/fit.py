@@ -183,10 +183,12 @@ def _run_in(run_dir, config, log, resume):
         input_policy = InputPolicy.from_options(config.max_pixels, config.bit_depth, config.binary_labels)
         records = load_dataset(config.data, policy=input_policy)
         test_records = load_dataset(config.test_data, policy=input_policy) if config.test_data else []
+        extra_records = _extra_train_records(config, input_policy, log)
     except DataError as error:
         sys.exit(f"training.fit: {error}")
     if config.stain:
-        records, test_records, stain_params = _normalise_stains(config, records, test_records, log)
+        records, held_and_extra, stain_params = _normalise_stains(config, records, test_records + extra_records, log)
+        test_records, extra_records = held_and_extra[:len(test_records)], held_and_extra[len(test_records):]
     names = [r.name for r in records]
     if config.split:
         try:
@@ -205,6 +207,10 @@ def _run_in(run_dir, config, log, resume):
         for r in test_records:
             r.name = f"test:{r.name}"
         records = records + test_records
+    if extra_records:
+        for one in splits:
+            one["train"] = one["train"] + [r.name for r in extra_records]
+        records = records + extra_records
     split = splits[0]
     log(f"data {config.data}: {len(records)} images -> {len(split['train'])} train, "
         f"{len(split['val'])} val, {len(split['test'])} test")
@@ -238,6 +244,23 @@ def _run_in(run_dir, config, log, resume):
     log("summary: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())
                                 if k in ("dice", "aji", "pq", "f1", "object_f1", "accuracy")))
     return path
+
+
+def _extra_train_records(config, input_policy, log):
+    """The extra_train_data records, named 'extra<i>:<name>' (they join every split's training side)."""
+    from kerasnuc.data import load_dataset
+    from kerasnuc.data.splits import select_records
+    from training.config import extra_spec
+
+    extra = []
+    for i, entry in enumerate(config.extra_train_data):
+        spec, only = extra_spec(entry)
+        chosen = select_records(load_dataset(spec, policy=input_policy), only)
+        for r in chosen:
+            r.name = f"extra{i}:{r.name}"
+        log(f"extra training data {spec}{f' ({only} images)' if only else ''}: {len(chosen)} images")
+        extra += chosen
+    return extra
 
 
 def _check_same_split(run_dir, split_record):

@@ -21,6 +21,7 @@ from training.optimizers import make_optimizer
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_DISTANCES = (2, 3, 5, 8)
+BOUNDARY_THRESHOLDS = (0.3, 0.5, 0.7)
 
 
 def build_model(config):
@@ -32,8 +33,11 @@ def build_model(config):
 def compile_model(model, config, iou=None):
     """The optimizer, loss and metrics of the run (also for Self-Correction's models; ``iou``
     replaces the BinaryIoU metric)."""
+    if iou is None:
+        iou = (keras.metrics.OneHotIoU(num_classes=3, target_class_ids=[1, 2], name="iou")
+               if config.target == "three_class" else keras.metrics.BinaryIoU(target_class_ids=[1], name="iou"))
     model.compile(optimizer=make_optimizer(config), loss=get_loss(config.loss, **config.loss_options),
-                  metrics=[iou if iou is not None else keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
+                  metrics=[iou])
     return model
 
 
@@ -45,9 +49,10 @@ def train(config, run, train_records, val_records, log):
     augmenter = Augmenter(**config.augment) if config.augment else None
     train_data = SegmentationDataset(train_records, tile=config.tile, batch_size=config.batch_size,
                                      steps=config.steps_per_epoch or None, channels=config.channels,
-                                     augmenter=augmenter, seed=config.seed, workers=config.workers)
+                                     augmenter=augmenter, seed=config.seed, workers=config.workers,
+                                     target=config.target)
     val_data = SegmentationDataset(val_records, tile=config.tile, batch_size=config.batch_size,
-                                   channels=config.channels, seed=config.seed + 1)
+                                   channels=config.channels, seed=config.seed + 1, target=config.target)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
     if config.self_correction:
@@ -60,8 +65,9 @@ def train(config, run, train_records, val_records, log):
 
 
 def predict_probabilities(model, records, config, multiple):
-    """Foreground probability (H, W) per image; MC models average ``mc_samples`` passes."""
-    return [maps[..., 0] for maps in predict_maps(model, records, config, multiple)]
+    """Foreground probability (H, W) per image, or the (H, W, 3) softmax of a three-class model
+    (the watershed seeds it from the inside channel); MC models average ``mc_samples`` passes."""
+    return [maps[..., 0] if maps.shape[-1] == 1 else maps for maps in predict_maps(model, records, config, multiple)]
 
 
 def predict_maps(model, records, config, multiple):
@@ -81,8 +87,12 @@ def held_out_engine(model, config, multiple):
 
 
 def tune_postprocess(probabilities, records, defaults, log):
-    """Grid-search threshold and marker distance for the best mean AJI on validation images."""
-    best, best_score = best_by_aji(defaults, {"threshold": THRESHOLDS, "min_distance": MIN_DISTANCES},
+    """Grid-search threshold and marker distance (three-class maps: the boundary level that cuts the
+    inside cores into markers) for the best mean AJI on validation images."""
+    three_class = probabilities and probabilities[0].ndim == 3
+    grid = {"threshold": THRESHOLDS, **({"boundary_threshold": BOUNDARY_THRESHOLDS} if three_class
+                                        else {"min_distance": MIN_DISTANCES})}
+    best, best_score = best_by_aji(defaults, grid,
                                    lambda params, i: instances_from_probability(probabilities[i], **params), records)
     log(f"post-processing tuned on {len(records)} validation images: {best} (AJI {best_score:.3f})")
     return best, best_score

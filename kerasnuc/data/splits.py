@@ -195,6 +195,23 @@ def kfold_splits(names, k=5, seed=0, val_fraction=0.1, groups=None):
     return splits
 
 
+def is_colour(image, tolerance=2.0):
+    """True for an RGB image whose channels differ (brightfield, H&E), False for grey ones (most
+    fluorescence images are stored as R = G = B): the mean absolute channel difference in grey levels."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] < 3:
+        return False
+    rgb = image[..., :3].astype(np.float32)
+    return float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()) > tolerance
+
+
+def select_records(records, only):
+    """The records of a set that ``only`` names: '' all, 'colour' or 'grey' (:func:`is_colour`)."""
+    if not only:
+        return list(records)
+    return [r for r in records if is_colour(r.image) == (only == "colour")]
+
+
 def records_of(records, split, sides=("train", "val", "test")):
     """The records of each side of ``split`` (lists of names), in the split's order."""
     by_name = {record.name: record for record in records}
