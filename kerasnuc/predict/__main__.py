@@ -3,8 +3,9 @@
     python -m kerasnuc.predict MODEL INPUT... --out DIR [--format labels,geojson,csv,overlay]
     kerasnuc-predict runs/unet-20261125 images/ --out nuclei/ --classifier runs/dcrn-20261126
 
-MODEL is a training run folder, a ``.tflite`` export or a TF-Serving ``host:port`` (with
-``--model-name``). INPUT is an image file, a whole slide (pyramidal TIFF / OME-TIFF, or SVS,
+MODEL is a training run folder, a ``.tflite`` export, a TF-Serving ``host:port`` (with
+``--model-name``) or a pretrained model's name (fluo, he, crc-detect, crc-classify:
+:mod:`kerasnuc.pretrained`; a file or folder of that name here wins). INPUT is an image file, a whole slide (pyramidal TIFF / OME-TIFF, or SVS,
 NDPI, MRXS, SCN... with the ``[wsi]`` extra) or a folder of them. Slides are read at the
 level nearest the model's pixel size (``--mpp`` overrides), glass is skipped, and positions
 are reported in level-0 pixels. Per image ``<stem>`` it writes
@@ -101,13 +102,14 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m kerasnuc.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="run folder, .tflite file or host:port of TF-Serving")
+    parser.add_argument("model", help="run folder, .tflite file, host:port of TF-Serving or pretrained name")
     parser.add_argument("inputs", nargs="+", help="image or slide files, or folders of them")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help=f"comma-separated, any of {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--model-name", help="model name on a TF-Serving target")
-    parser.add_argument("--classifier", help="classification model (run folder or .tflite) for every nucleus")
+    parser.add_argument("--classifier", help="classification model (run folder, .tflite or pretrained name, e.g. crc-classify) "
+                             "for every nucleus")
     parser.add_argument("--labels-ext", choices=("tif", "png"), default="tif")
     parser.add_argument("--mpp", type=float,
                         help="pixel size (µm) to predict at (default: the model's, as recorded in its run)")

@@ -116,8 +116,11 @@ class _Mapped:
 
 
 def open_runtime(source, model_name=None, **options):
-    """The runtime for a run folder, a ``.tflite`` file or a ``host:port`` target (+ ``model_name``)."""
-    source = os.fspath(source)
+    """The runtime for a run folder, a ``.tflite`` file, a ``host:port`` target (+ ``model_name``)
+    or a pretrained model's name (:func:`kerasnuc.pretrained.resolve`)."""
+    from kerasnuc.pretrained import resolve
+
+    source = os.fspath(resolve(source))
     if source.endswith(".tflite"):
         from kerasnuc.predict.litert import LiteModel
 
