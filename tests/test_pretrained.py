@@ -317,3 +317,17 @@ def test_cli_by_name_writes_its_outputs(command, tmp_path):
     if "--classifier" in command:
         geojson = json.load(open(tmp_path / "out" / f"{stem}.geojson"))
         assert geojson["features"] and all("classification" in f["properties"] for f in geojson["features"])
+
+
+def test_cli_says_in_one_line_that_a_detector_draws_no_outlines(tmp_path):
+    from kerasnuc import models
+    from kerasnuc.predict.__main__ import main
+    from kerasnuc.runs import write_run
+
+    config = {"filters": 4, "depth": 2, "steps": 1}
+    run = write_run(str(tmp_path / "det"), models.build("udnet", input_shape=(None, None, 3), **config),
+                    task="detection", model_name="udnet", model_config=config)
+    with pytest.raises(SystemExit) as stop:
+        main([run, FLUO_IMAGE, "--out", str(tmp_path / "out")])
+    assert "needs a segmentation model; this is a detection model" in str(stop.value.code)
+    assert not os.path.exists(tmp_path / "out")

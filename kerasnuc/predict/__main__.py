@@ -157,6 +157,7 @@ def main(argv=None):
         predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block,
                          block_overlap=args.block_overlap, tta=args.tta,
                          multiple_inference=args.multiple_inference)
+        predictor.require_segmentation()  # outlines need a segmentation model (e.g. not crc-detect)
     except (OSError, ValueError) as error:
         sys.exit(f"kerasnuc.predict: {error}")
     model_mpp = predictor.meta.get("mpp")
