@@ -217,8 +217,9 @@ def card_record(name, run, metrics, model, licences, retrain, lite_report, folde
     stain = {k: v for k, v in (run.stain or {}).items() if k in ("method",)} or None
     limitations = list(LIMITATIONS.get(task, []))
     if mpp is not None:
-        limitations.append(f"Trained at {mpp:g} µm/px: slides are read at that scale; for plain images at another "
-                           "pixel size pass --image-mpp (or resample them), else nuclei appear at the wrong size.")
+        limitations.append(f"Trained at {mpp:g} µm/px: slides are read at that scale; for plain images at "
+                           "another pixel size pass the command line's --image-mpp (or resample them), else "
+                           "nuclei appear at the wrong size.")
     if mpp is None:
         limitations.append("Trained at no fixed pixel size (mixed microscopes and magnifications): images "
                            "are used at their own scale; nuclei much larger or smaller than the training "
@@ -339,7 +340,9 @@ def card_markdown(card):
     lines += ["", "## int8 LiteRT model", "",
               f"`{card['int8']['file']}` with `{card['int8']['metadata']}` runs where Keras is not installed "
               "(`pip install ai-edge-litert`); `kerasnuc.load` picks it automatically then."]
-    if agreement:
+    if not agreement:
+        lines.append("Agreement with the Keras model: not measured (packed with --no-report).")
+    else:
         lines.append(f"Agreement with the Keras model on {card['int8']['agreement_images']} test images: "
                      + ", ".join(f"{k} {_figure(v)}" for k, v in agreement.items()) + ".")
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
