@@ -142,7 +142,8 @@ def test_card_states_licences_and_the_runs_own_scores(packed):
     assert card["training"]["machine"] == config["machine"] and card["training"]["backend"] == config["backend"]
     assert card["training"]["retrain"] == f"python -m training.fit --config {packed['config']}"
     assert card["data"]["licences"][0]["licence"] == "CC0 1.0" and card["licence"]["commercial"]
-    assert card["postprocess"]["params"] == json.load(open(os.path.join(packed["run"], "thresholds.json")))["postprocess"]
+    tuned = json.load(open(os.path.join(packed["run"], "thresholds.json")))
+    assert card["postprocess"]["params"] == tuned["postprocess"] and card["postprocess"]["tuned_on"] == "val"
     assert card["model"]["parameters"] > 0 and card["int8"]["agreement_images"] == 2
     text = open(os.path.join(packed["model"], "MODEL_CARD.md")).read()
     for needed in ("CC0 1.0", f"{metrics['mean']['aji']:.4f}", f"{metrics['mean']['pq']:.4f}",
