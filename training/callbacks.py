@@ -86,14 +86,16 @@ class BestModel(keras.callbacks.Callback):
         os.replace(tmp, self.path)
 
 
-def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0, save=None):
+def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0, save=None,
+                 extra_callbacks=()):
     """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
     (by val_loss, or loss without validation data) saved as model.keras, one progress
     line per epoch, and the state ``--resume`` continues from (training/resume.py);
     ``time_budget`` (minutes, 0: none) stops early. A run folder that already holds a
     saved state continues from its last completed epoch. Returns the history dict of
     every epoch (resumed ones included). ``save``: the model written as model.keras when it
-    is not ``model`` itself (:class:`BestModel`)."""
+    is not ``model`` itself (:class:`BestModel`). ``extra_callbacks`` run after these (the
+    training benchmark times the steps of this very call: bench/bench_training.py)."""
     from training.resume import ResumableState, read_history, truncate_history
 
     monitor = "val_loss" if val_data is not None else "loss"
@@ -105,7 +107,7 @@ def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budge
     if done:
         log(f"resuming after epoch {done}/{epochs}" + (" (time budget already reached)" if state.stopped else ""))
     callbacks = [keras.callbacks.CSVLogger(run.file("history.csv"), append=bool(done)), checkpoint,
-                 EpochProgress(epochs, log)] + ([budget] if budget else []) + [state]
+                 EpochProgress(epochs, log)] + ([budget] if budget else []) + [state] + list(extra_callbacks)
     if not (state.stopped or done >= epochs):
         # shuffle=False: the batches are random draws already; Keras' shuffling of their order
         # (Python's random) would make the weights depend on how many passes it makes, and

@@ -32,12 +32,12 @@ DATASET = "crchistophenotypes"
 LITERT_WHEELS = ["ai-edge-litert", "flatbuffers", "tqdm", "backports.strenum", "typing_extensions", "protobuf"]
 
 
-def pack(shared, out, wheels):
+def pack(shared, out, wheels, dataset=DATASET):
     os.makedirs(wheels, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels]
     subprocess.run(pip + WHEELS, check=True)
     subprocess.run(pip + PLATFORM + BINARY_WHEELS, check=True)
-    target = pack_dataset(os.path.join(shared, DATASET), os.path.join(out, DATASET))
+    target = pack_dataset(os.path.join(shared, dataset), os.path.join(out, dataset))
     size = sum(os.path.getsize(p) for d in (wheels, out) for p in glob.glob(os.path.join(d, "**"), recursive=True)
                if os.path.isfile(p))
     print(f"packed {wheels}/ and {target}/: {size / 2**20:.1f} MiB to carry (limit 64 MiB with the checkout)")
@@ -91,15 +91,18 @@ def main(argv=None):
     parser.add_argument("--shared", default="../shared/data")
     parser.add_argument("--out", default="device_data")
     parser.add_argument("--wheels", default=".whl")
+    parser.add_argument("--dataset", default=DATASET,
+                        help="folder under --shared to pack or unpack (e.g. dsb2018/stage1_train for "
+                             "bench/device/bench_training_gpu.sh's U-Net); its images/*.png travel as WebP")
     parser.add_argument("--litert", metavar="FOLDER", nargs="?", const=".litewhl",
                         help="only download LiteRT wheels for the device (default folder .litewhl)")
     args = parser.parse_args(argv)
     if args.litert:
         pack_litert(args.litert)
     elif args.unpack:
-        unpack(args.out)
+        unpack(args.out, args.dataset)
     else:
-        pack(args.shared, args.out, args.wheels)
+        pack(args.shared, args.out, args.wheels, args.dataset)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ pass that Keras makes (``fit`` on Keras 3.15 makes one extra short pass before t
 first epoch); batches stay a pure function of the seed and the call sequence.
 """
 
+import os
+
 import keras
 import numpy as np
 
@@ -22,7 +24,7 @@ from kerasnuc.data.targets import (density_map, foreground, instance_centroids, 
                                    reflect_indices, segmentation_target)
 
 __all__ = ["SegmentationDataset", "DetectionDataset", "ClassificationDataset", "record_points",
-           "classified_points"]
+           "classified_points", "resolve_workers"]
 
 
 def _pad_to(array, height, width):
@@ -40,10 +42,36 @@ def _window_size(augmenter, tile):
     return tile, tile
 
 
+def available_cores():
+    """CPU cores this process may run on (its affinity mask, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers, cores=None):
+    """``workers`` for Keras' loader: a count as given; ``"auto"`` or a negative number: one
+    thread per core left over from the training step (cores - 1, at most 8; Keras' loader
+    starts threads only from 2 on, so a 2-core CPU keeps building batches inline, where
+    they cost about 1% of a step: bench/results/training.md)."""
+    if workers is None:
+        return 1
+    if workers == "auto" or (isinstance(workers, (int, np.integer)) and workers < 0):
+        cores = available_cores() if cores is None else int(cores)
+        return int(max(1, min(cores - 1, 8)))
+    if not isinstance(workers, (int, np.integer)):
+        raise ValueError(f"workers must be a count or 'auto', got {workers!r}")
+    return int(workers)
+
+
 class _SeededBatches(keras.utils.PyDataset):
-    """Epoch counter and the per-batch Generator shared by the datasets below."""
+    """Epoch counter and the per-batch Generator shared by the datasets below.
+    ``workers="auto"`` (or -1) picks a thread count from the cores (:func:`resolve_workers`)."""
 
     def __init__(self, seed, **kwargs):
+        if "workers" in kwargs:
+            kwargs["workers"] = resolve_workers(kwargs["workers"])
         super().__init__(**kwargs)
         self.seed, self.epoch = int(seed), 0
 
@@ -303,6 +331,47 @@ class ClassificationDataset(_SeededBatches):
             self.steps = int(np.ceil(len(self.classes) / self.batch_size))
         else:
             self.steps = steps or max(1, int(np.ceil(len(self.classes) / self.batch_size)))
+        self.context = self._context_size()
+        self._cut_patches()
+
+    def _context_size(self):
+        """Side of the window cut around each nucleus: the patch, or more for a rotating augmenter
+        (even margin, so the nucleus stays at the centre when the augmenter crops back)."""
+        context = _window_size(self.augmenter, self.patch)[0] if self.augmenter is not None else self.patch
+        return context + (context - self.patch) % 2
+
+    def _cut_patches(self):
+        """Every nucleus' ``context`` window cut once, raw pixels, per image (N_k, S, S, C_k):
+        batches then index arrays instead of cutting patch by patch (issue 18: on a GPU the
+        per-patch Python work, not the model, set DCRN's pace). ``_patches(indices)`` equals
+        ``np.stack([patch_at(i, context) for i in indices])`` exactly."""
+        size = self.context
+        self._image_of = self.sources[:, 0].astype(np.int64)
+        self._position = np.zeros(len(self._image_of), dtype=np.int64)
+        self._cut = []
+        offsets = np.arange(size) - size // 2
+        for k, image in enumerate(self.sampler.images):
+            members = np.flatnonzero(self._image_of == k)
+            self._position[members] = np.arange(len(members))
+            height, width = image.shape[:2]
+            rows, cols, _ = point_pixels(self.sources[members, 1:3], (height, width))
+            rows, cols = np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)
+            r = reflect_indices(rows[:, None] + offsets, height)
+            c = reflect_indices(cols[:, None] + offsets, width)
+            self._cut.append(image[r[:, :, None], c[:, None, :]])
+
+    def _patches(self, indices):
+        """Normalised float32 (B, context, context, C) windows of nuclei ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = self._image_of[indices]
+        out = None
+        for k in np.unique(images):  # one normalisation per image, as patch_at's
+            where = np.flatnonzero(images == k)
+            part = self.sampler.normalize(int(k), self._cut[k][self._position[indices[where]]])
+            if out is None:
+                out = np.empty((len(indices),) + part.shape[1:], dtype=part.dtype)
+            out[where] = part
+        return out
 
     def __len__(self):
         return self.steps
@@ -325,15 +394,10 @@ class ClassificationDataset(_SeededBatches):
     def __getitem__(self, index):
         if self.evaluation:
             chosen = np.arange(index * self.batch_size, min((index + 1) * self.batch_size, len(self.classes)))
-            return np.stack([self.patch_at(i) for i in chosen]), self.classes[chosen]
+            return self._patches(chosen), self.classes[chosen]
         rng = self.batch_rng(index)
-        chosen = self._choose(rng)
-        context = _window_size(self.augmenter, self.patch)[0] if self.augmenter is not None else self.patch
-        context += (context - self.patch) % 2  # keep the nucleus at the centre when cropping back
-        xs = []
-        for i in chosen:
-            x = self.patch_at(i, context)
-            if self.augmenter is not None:
-                x, _ = self.augmenter(rng, x, [], crop=(self.patch, self.patch), crop_center=True)
-            xs.append(x)
-        return np.stack(xs), self.classes[chosen]
+        chosen = np.asarray(self._choose(rng))
+        x = self._patches(chosen)
+        if self.augmenter is not None:
+            x = self.augmenter.augment_batch(rng, x, crop=(self.patch, self.patch), crop_center=True)
+        return x, self.classes[chosen]
