@@ -5,7 +5,8 @@ its size must be within the policy's pixel limit (:mod:`kerasnuc.data.validation
 decoded strictly, so a truncated or corrupt file is an error naming it rather than an image
 with grey-filled rows: PNG by OpenCV after Pillow's ``verify()`` checked every chunk's CRC up to
 IEND (OpenCV keeps 16-bit RGB); JPEG, BMP and the other formats Pillow knows by Pillow's
-``load()``, which raises on missing data; TIFF by tifffile. All errors are :class:`DataError`.
+``load()``, which raises on missing data, JPEG after its marker structure was checked whole
+(:mod:`kerasnuc.data.jpeg_structure`: libjpeg decodes a damaged stream silently); TIFF by tifffile. All errors are :class:`DataError`.
 """
 
 import io
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from kerasnuc.atomic import atomic_path
+from kerasnuc.data.jpeg_structure import JpegStructureError, check_jpeg_stream
 from kerasnuc.data.validation import DataError, check_instance_labels, resolve_policy, scale_to_uint8
 
 __all__ = ["DataError", "image_shape", "read_image", "read_label_image", "read_mask", "write_png_atomic"]
@@ -184,6 +186,9 @@ def _decode_pillow(path, what):
                         "refusing to read images that may be truncated")
     try:
         with Image.open(path) as image:
+            if image.format in ("JPEG", "MPO"):  # libjpeg decodes a damaged stream silently
+                with open(path, "rb") as handle:
+                    check_jpeg_stream(handle.read())
             image.load()  # raises on truncated or corrupt data
             if image.mode == "P":
                 image = image if what != "image" else image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -192,6 +197,8 @@ def _decode_pillow(path, what):
             return np.asarray(image)
     except DataError:
         raise
+    except JpegStructureError as error:
+        raise DataError(f"{path}: corrupt or truncated {what} (JPEG structure: {error})") from None
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError...
         raise DataError(f"{path}: corrupt or truncated {what} ({error})") from None
 
