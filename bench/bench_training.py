@@ -156,7 +156,12 @@ def _timer_class():
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        """Counts training batches; after ``skip`` of them times ``seconds``, then stops training."""
+        """Counts training batches; after ``skip`` of them times ``seconds``, then stops training.
+
+        A batch hook makes Keras wait for each step's logs (on a GPU: the device) before the
+        next step; with ``workers`` >= 2 the loader's threads still build batches meanwhile,
+        so the ratio keeps its meaning, and both step rates are slight lower bounds. (Keras'
+        ``async_safe`` dispatch avoided the wait but failed under JAX: a donated buffer.)"""
 
         def __init__(self, seconds, skip):
             super().__init__()

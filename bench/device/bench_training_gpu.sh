@@ -10,6 +10,9 @@
 #                                                                           #   then pack it alone for a 2nd call)
 #   device:  run(command="bash bench/device/bench_training_gpu.sh", carry=[".whl", "device_data"], timeout_s=580)
 #
+# XLA compilation dominates such a call (DCRN's first epoch compiled for 95-140 s on an H200, once per
+# precision here): if LIMIT cuts the run, the rows measured so far are in $OUT; run the rest as
+# FAMILIES=dcrn PRECISION=mixed_float16 ... in a second call.
 # Families default to those whose data came along (udnet,dcrn with CRCHistoPhenotypes; unet with DSB).
 # Rows are written to $OUT/training_gpu.{md,json} after each one, so a run cut by the time limit
 # still returns what it measured. Override: FAMILIES, MEASURE_SECONDS (per measurement), REPEATS, PRECISION,

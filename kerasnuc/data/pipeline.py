@@ -120,6 +120,8 @@ class _ImageSampler:
 
     def window(self, k, top, left, height, width):
         image = self.images[k]
+        if 0 <= top and top + height <= image.shape[0] and 0 <= left and left + width <= image.shape[1]:
+            return self.normalize(k, image[top:top + height, left:left + width])  # no reflection: a view
         rows = reflect_indices(np.arange(top, top + height), image.shape[0])
         cols = reflect_indices(np.arange(left, left + width), image.shape[1])
         return self.normalize(k, image[rows][:, cols])
