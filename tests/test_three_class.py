@@ -86,3 +86,15 @@ def test_fit_three_class_with_extra_training_images(tmp_path):
     maps = kerasnuc.load(str(run)).predict_maps(image)[0]
     assert maps.shape == image.shape[:2] + (3,)
     np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-3)  # a softmax
+
+
+@pytest.mark.parametrize("name", ["fluo", "he", "crc-detect", "crc-classify"])
+def test_pretrained_recipes_are_valid_configs(name):
+    """The retraining recipes that the model cards quote resolve and validate as written."""
+    from training.config import load_config_file, resolve
+
+    path = os.path.join(ROOT, "configs", "pretrained", f"{name}.json")
+    config = resolve(load_config_file(path))
+    assert config.time_budget > 0 and config.data
+    if name in ("fluo", "he"):
+        assert config.target == "three_class" and config.model_config["out_channels"] == 3
