@@ -104,3 +104,14 @@ def test_train_step_is_traced_once_for_all_epochs(classified, tmp_path):
     assert len(history["loss"]) == 4 and len(per_epoch) == 4
     # TensorFlow traces twice while building its function, JAX once; no epoch after the first adds one
     assert 1 <= per_epoch[0] <= 2 and per_epoch == per_epoch[:1] * 4, per_epoch
+
+
+def test_training_defaults_to_workers_from_the_cores():
+    """training.fit's default is 'auto' (cores - 1, at most 8); a bad value is a clear error."""
+    from kerasnuc.data.pipeline import resolve_workers
+    from training.config import resolve
+
+    assert resolve({}).workers == "auto"
+    assert resolve_workers("auto", cores=2) == 1 and resolve_workers("auto", cores=16) == 8
+    with pytest.raises(ValueError, match="workers must be a count or 'auto'"):
+        resolve({"workers": "many"})

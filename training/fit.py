@@ -17,6 +17,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _workers(text):
+    """--workers: a count or 'auto'."""
+    return text if text == "auto" else int(text)
+
+
 def build_parser():
     from training.config import PRECISIONS, TASKS, field_help
     from training.distribute import CHOICES
@@ -69,7 +74,7 @@ def build_parser():
                         metavar="FRACTION", help=docs["self_correction_lr_min"])
     parser.add_argument("--self-correction-bn-batches", type=int, dest="self_correction_bn_batches",
                         help=docs["self_correction_bn_batches"])
-    parser.add_argument("--workers", type=int, help="Parallel workers feeding batches (threads).")
+    parser.add_argument("--workers", type=_workers, help=docs["workers"])
     from kerasnuc.data import validation
 
     validation.add_arguments(parser, labels=True, default_note=", or the config file's")
