@@ -486,7 +486,8 @@ def resolve_spec(spec):
 def records_of_split(run_dir, which, limit=None, stain=False):
     """The run's images of split ``which`` (train / val / test) as NucleiImage records.
 
-    Reads the data spec of config.json (and test_data for ``test:`` names). The images are
+    Reads the data spec of config.json (test_data for ``test:`` names, extra_train_data for
+    ``extra<i>:`` names). The images are
     the original pixels: the prediction engine applies the run's stain normaliser itself
     (``meta["stain"]``). ``stain=True`` applies it here, for code that feeds the network
     without the engine (int8 calibration crops).
@@ -508,6 +509,15 @@ def records_of_split(run_dir, which, limit=None, stain=False):
             record.name = f"test:{record.name}"
             if record.name in wanted:
                 records.append(record)
+    from kerasnuc.data.splits import extra_spec, select_records
+
+    for i, entry in enumerate(config.get("extra_train_data") or []):  # training-only sets: extra<i>:<name>
+        if any(n.startswith(f"extra{i}:") for n in names):
+            spec, only = extra_spec(entry)
+            for record in select_records(load_dataset(resolve_spec(spec)), only):
+                record.name = f"extra{i}:{record.name}"
+                if record.name in wanted:
+                    records.append(record)
     by_name = {r.name: r for r in records}
     missing = [n for n in names if n not in by_name]
     if missing:

@@ -80,6 +80,10 @@ def test_fit_three_class_with_extra_training_images(tmp_path):
     extra = [n for n in split["train"] if n.startswith("extra0:")]
     assert len(extra) == 10 and not any(n.startswith("extra") for n in split["val"] + split["test"])
     assert "boundary_threshold" in json.loads((run / "thresholds.json").read_text())["postprocess"]
+    from kerasnuc.runs import records_of_split
+
+    train = records_of_split(str(run), "train")  # what int8 calibration and packing read back
+    assert [r.name for r in train] == split["train"]
     import kerasnuc
 
     image = load_dataset("sample")[0].image

@@ -157,6 +157,8 @@ class FitConfig:
         resolve_workers(self.workers)  # ValueError if neither a count nor 'auto'
         if self.split and (self.folds >= 2 or self.test_data):
             raise ValueError(f"split '{self.split}' fixes train/val/test: it excludes folds and test_data")
+        from kerasnuc.data.splits import extra_spec
+
         for extra in self.extra_train_data:
             spec, only = extra_spec(extra)
             if only not in ("", "colour", "grey"):
@@ -221,15 +223,6 @@ class FitConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
-
-
-def extra_spec(extra):
-    """(dataset spec, selection '' / 'colour' / 'grey') of one extra_train_data entry."""
-    if isinstance(extra, str):
-        return extra, ""
-    if not isinstance(extra, dict) or "data" not in extra:
-        raise ValueError(f"extra_train_data entries are dataset specs or {{'data': SPEC, 'only': ...}}, got {extra!r}")
-    return extra["data"], extra.get("only", "")
 
 
 def field_help():

@@ -254,8 +254,7 @@ def _run_in(run_dir, config, log, resume):
 def _extra_train_records(config, input_policy, log):
     """The extra_train_data records, named 'extra<i>:<name>' (they join every split's training side)."""
     from kerasnuc.data import load_dataset
-    from kerasnuc.data.splits import select_records
-    from training.config import extra_spec
+    from kerasnuc.data.splits import extra_spec, select_records
 
     extra = []
     for i, entry in enumerate(config.extra_train_data):

@@ -205,6 +205,16 @@ def is_colour(image, tolerance=2.0):
     return float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()) > tolerance
 
 
+def extra_spec(extra):
+    """(dataset spec, selection '' / 'colour' / 'grey') of one ``extra_train_data`` entry of a run's
+    config: a spec, or {"data": SPEC, "only": ...}. Its images are named 'extra<i>:<name>'."""
+    if isinstance(extra, str):
+        return extra, ""
+    if not isinstance(extra, dict) or "data" not in extra:
+        raise ValueError(f"extra_train_data entries are dataset specs or {{'data': SPEC, 'only': ...}}, got {extra!r}")
+    return extra["data"], extra.get("only", "")
+
+
 def select_records(records, only):
     """The records of a set that ``only`` names: '' all, 'colour' or 'grey' (:func:`is_colour`)."""
     if not only:
