@@ -21,7 +21,7 @@ from training.optimizers import make_optimizer
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_DISTANCES = (2, 3, 5, 8)
-BOUNDARY_THRESHOLDS = (0.3, 0.5, 0.7)
+BOUNDARY_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)  # the best was at the edge of (0.3, 0.5, 0.7) for fluo and he
 
 
 def build_model(config):
