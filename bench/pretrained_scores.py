@@ -40,19 +40,22 @@ def score(name, tta=False, limit=None, workdir=None):
     result = evaluate_run(folder, data=data, split="test", tta=tta, out=out, limit=limit,
                           log=lambda message: print(f"[{name}] {message}", file=sys.stderr, flush=True))
     task = config["task"]
-    mean = result.get("mean", {})
+    pooled = task != "segmentation" and isinstance(result.get("pooled"), dict)
+    primary = result.get("primary") or ("pooled" if pooled else "mean")  # detection, classification: pooled
+    figures = result.get(primary, {})
     return {"name": name, "task": task, "held_out": data or f"split.json test ({config.get('split') or 'seeded'})",
             "images": result.get("images", len(result.get("per_image", []))), "tta": bool(tta),
+            "over": "pooled over all images" if primary == "pooled" else "mean over images",
             "seconds": round(time.time() - started, 1),
-            **{key: mean.get(key) for key in FIGURES.get(task, ()) if mean.get(key) is not None}}
+            **{key: figures.get(key) for key in FIGURES.get(task, ()) if figures.get(key) is not None}}
 
 
 def render(rows, command):
     lines = ["# Pretrained models: held-out scores", "", f"Command: `{command}`", "",
              "Scored by `training.evaluate` from the shipped folders (kerasnuc/pretrained/NAME) on images that "
              "the model never saw in training or threshold tuning.", "",
-             "| model | task | held-out images | n | TTA | AJI | AJI+ | PQ | Dice | F1 | P | R | accuracy | macro F1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | task | held-out images | n | TTA | figures | AJI | AJI+ | PQ | Dice | F1 | P | R | accuracy | macro F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(row, key):
         value = row.get(key)
@@ -60,7 +63,7 @@ def render(rows, command):
 
     for row in rows:
         lines.append(f"| {row['name']} | {row['task']} | {row['held_out']} | {row['images']} | "
-                     f"{'yes' if row['tta'] else 'no'} | " + " | ".join(
+                     f"{'yes' if row['tta'] else 'no'} | {row.get('over', '')} | " + " | ".join(
                          cell(row, key) for key in ("aji", "aji_plus", "pq", "dice", "f1", "precision", "recall",
                                                     "accuracy", "macro_f1")) + " |")
     return "\n".join(lines) + "\n"
