@@ -122,7 +122,7 @@ class FitConfig:
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
     workers: object = "auto"
     """Threads building training batches: a count, or 'auto' (cores - 1, at most 8: 1 on a 2-core CPU,
-    where batches cost about 1% of a step; several on a GPU machine, so the pipeline keeps up).
+    where batches cost about one percent of a step; several on a GPU machine, so the pipeline keeps up).
     Batches are a pure function of (seed, epoch, index), so the count never changes what trains."""
     distribute: str = "none"
     """Data-parallel training: none, auto, data_parallel (JAX: keras.distribution over all
