@@ -87,7 +87,7 @@ class BestModel(keras.callbacks.Callback):
 
 
 def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budget=0.0, save=None,
-                 extra_callbacks=()):
+                 extra_callbacks=(), init_weights=""):
     """``model.fit`` with the callbacks every task uses: history.csv, the best epoch
     (by val_loss, or loss without validation data) saved as model.keras, one progress
     line per epoch, and the state ``--resume`` continues from (training/resume.py);
@@ -95,7 +95,8 @@ def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budge
     saved state continues from its last completed epoch. Returns the history dict of
     every epoch (resumed ones included). ``save``: the model written as model.keras when it
     is not ``model`` itself (:class:`BestModel`). ``extra_callbacks`` run after these (the
-    training benchmark times the steps of this very call: bench/bench_training.py)."""
+    training benchmark times the steps of this very call: bench/bench_training.py).
+    ``init_weights``: a trained model whose weights a new run starts from (training/warm_start.py)."""
     from training.resume import ResumableState, read_history, truncate_history
 
     monitor = "val_loss" if val_data is not None else "loss"
@@ -104,6 +105,10 @@ def fit_into_run(model, run, train_data, val_data, epochs, log=print, time_budge
     state = ResumableState(run.path, (train_data, val_data), checkpoint, budget)
     done = state.epochs_done
     truncate_history(run.file("history.csv"), done)
+    if init_weights and not done:
+        from training.warm_start import load_initial_weights
+
+        load_initial_weights(save or model, init_weights, log)
     if done:
         log(f"resuming after epoch {done}/{epochs}" + (" (time budget already reached)" if state.stopped else ""))
     callbacks = [keras.callbacks.CSVLogger(run.file("history.csv"), append=bool(done)), checkpoint,

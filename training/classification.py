@@ -98,7 +98,8 @@ def train(config, run, train_records, val_records, num_classes, loss, log):
         f"{len(train_data)} batches of {config.batch_size} per epoch, {config.epochs} epochs"
         + (f"; validation {len(val_data.classes)} nuclei in {len(val_records)} images"
            if val_data is not None else ""))
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget,
+                           init_weights=config.init_weights)
     return history
 
 

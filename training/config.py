@@ -120,6 +120,9 @@ class FitConfig:
     """Training batches run to re-estimate the averaged model's BatchNorm statistics; 0: one epoch's."""
     mc_samples: int = 10
     """Stochastic passes averaged when evaluating a Monte-Carlo dropout model."""
+    init_weights: str = ""
+    """Start from a trained model's weights (fine-tuning): a pretrained name (e.g. 'he'), a run folder
+    or a .keras file of the same model and model_config; the optimizer starts fresh. Empty: random."""
     workers: object = "auto"
     """Threads building training batches: a count, or 'auto' (cores - 1, at most 8: 1 on a 2-core CPU,
     where batches cost about one percent of a step; several on a GPU machine, so the pipeline keeps up).
@@ -163,6 +166,10 @@ class FitConfig:
             spec, only = extra_spec(extra)
             if only not in ("", "colour", "grey"):
                 raise ValueError(f"extra_train_data {spec}: 'only' must be 'colour' or 'grey', got '{only}'")
+        if self.init_weights:
+            from training.warm_start import source_file
+
+            source_file(self.init_weights)  # ValueError naming a missing or unusable source
         if self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 minutes, got {self.time_budget}")
         from training.distribute import check_choice

@@ -84,7 +84,8 @@ def train(config, run, train_records, val_records, loss, log):
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs, density sigma {config.density_sigma}, loss {loss}"
         + (f"; validation {len(val_data)} fixed batches" if val_data is not None else ""))
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget,
+                           init_weights=config.init_weights)
     return history, multiple
 
 

@@ -92,7 +92,8 @@ def train(config, run, train_records, val_records, log):
     train_data, val_data = crop_datasets(EmbeddingDataset, config, train_records, val_records)
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
-    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+    history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget,
+                           init_weights=config.init_weights)
     return history, multiple
 
 

@@ -74,6 +74,7 @@ def build_parser():
                         metavar="FRACTION", help=docs["self_correction_lr_min"])
     parser.add_argument("--self-correction-bn-batches", type=int, dest="self_correction_bn_batches",
                         help=docs["self_correction_bn_batches"])
+    parser.add_argument("--init-weights", dest="init_weights", metavar="MODEL", help=docs["init_weights"])
     parser.add_argument("--workers", type=_workers, help=docs["workers"])
     from kerasnuc.data import validation
 

@@ -88,7 +88,8 @@ def train(config, run, train_records, val_records, log):
                                          model_config=model_config_of(config))
     log(f"training: {len(train_data)} batches of {config.batch_size} x {config.tile}^2 per epoch, "
         f"{config.epochs} epochs")
-    history = fit_into_run(trainer, run, train_data, val_data, config.epochs, log, config.time_budget, save=model)
+    history = fit_into_run(trainer, run, train_data, val_data, config.epochs, log, config.time_budget, save=model,
+                           init_weights=config.init_weights)
     return history, multiple
 
 

@@ -58,9 +58,14 @@ def train(config, run, train_records, val_records, log):
     if config.self_correction:
         from training.self_correction import SelfCorrection
 
+        if config.init_weights:
+            from training.warm_start import load_initial_weights
+
+            load_initial_weights(model, config.init_weights, log)
         history = SelfCorrection(config, run, model, train_data, val_data, train_records, multiple, log).fit()
     else:
-        history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget)
+        history = fit_into_run(model, run, train_data, val_data, config.epochs, log, config.time_budget,
+                               init_weights=config.init_weights)
     return history, multiple
 
 
