@@ -81,6 +81,7 @@ def pack(run_dir, name, config_path, dest=None, calibration=64, max_images=None,
     run = read_run(run_dir)
     metrics = read_json_object(os.path.join(run.path, "metrics.json"))
     retrain = retrain_command(config_path, run.config)
+    stages = stage_records(config_path, run.config)
     licences = licences_of(run.config)  # unknown data terms stop here, before any work
     dest = os.path.abspath(dest or pretrained.ROOT)
     final = os.path.join(dest, name)
@@ -99,7 +100,7 @@ def pack(run_dir, name, config_path, dest=None, calibration=64, max_images=None,
                                            evaluate_model=report, log=log)
             for suffix in (".report.json", ".report.md"):  # its summary goes into the card
                 os.remove(os.path.join(staging, "model_int8" + suffix))
-            card = card_record(name, run, metrics, model, licences, retrain, lite_report, staging)
+            card = card_record(name, run, metrics, model, licences, retrain, lite_report, staging, stages)
             from kerasnuc.runs import write_json_atomic
             from kerasnuc.atomic import write_text_atomic
 
@@ -163,7 +164,18 @@ def replace_folder(staging, final):
 
 def retrain_command(config_path, run_config):
     """``python -m training.fit --config PATH`` for the config file the run was trained from;
-    PackError when the file sets a key to another value than the run used."""
+    PackError when the file sets a key to another value than the run used. A run that starts
+    from another run's weights (``init_weights``: a run folder) is retrained by the commands of
+    every stage, joined by ``&&`` (:func:`training_stages`)."""
+    stages = training_stages(config_path, run_config)
+    return " && ".join(f"python -m training.fit --config {stage['config']}" for stage in stages)
+
+
+def training_stages(config_path, run_config):
+    """[{config, run}] from the first stage to this run. ``init_weights`` naming a run folder
+    must be the ``out`` of a config file beside ``config_path``, and that run must have been
+    trained from it (checked the same way, recursively); a pretrained name or .keras file is
+    where the first stage starts."""
     from kerasnuc.runs import read_json_object
 
     if not config_path:
@@ -180,7 +192,32 @@ def retrain_command(config_path, run_config):
     shown = os.path.abspath(config_path)
     if shown.startswith(REPOSITORY + os.sep):
         shown = os.path.relpath(shown, REPOSITORY)
-    return f"python -m training.fit --config {shown}"
+    stage = {"config": shown, "run": run_config.get("out") or None}
+    source = run_config.get("init_weights") or ""
+    if not source or not os.path.isdir(source):
+        return [stage]
+    folder = os.path.dirname(os.path.abspath(config_path))
+    for name in sorted(os.listdir(folder)):
+        other = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.abspath(other) != os.path.abspath(config_path):
+            out = read_json_object(other).get("out")
+            if out and os.path.abspath(out) == os.path.abspath(source):
+                from kerasnuc.runs import read_run
+
+                return training_stages(other, read_run(source).config) + [stage]
+    raise PackError(f"{config_path}: the run starts from the weights of {source}, which no config file in "
+                    f"{folder} trains (one whose \"out\" is {source}); the card could not say how to retrain it")
+
+
+def stage_records(config_path, run_config):
+    """Epochs and training seconds of each stage before this run (their metrics.json)."""
+    from kerasnuc.runs import read_json
+
+    records = []
+    for stage in training_stages(config_path, run_config)[:-1]:
+        metrics = read_json(os.path.join(stage["run"], "metrics.json"), default={}) or {}
+        records.append({**stage, "epochs_run": metrics.get("epochs"), "seconds": metrics.get("train_seconds")})
+    return records
 
 
 def _normal(value):
@@ -199,7 +236,7 @@ def read_history(run_dir):
     return {"epochs": len(rows), "best_epoch": best[1], "best_val_loss": best[0]}
 
 
-def card_record(name, run, metrics, model, licences, retrain, lite_report, folder):
+def card_record(name, run, metrics, model, licences, retrain, lite_report, folder, stages=()):
     """card.json: everything the model card says, read from the run (and the packed files)."""
     from kerasnuc import __version__, pretrained
     from kerasnuc.models import is_stochastic
@@ -245,7 +282,8 @@ def card_record(name, run, metrics, model, licences, retrain, lite_report, folde
                      "optimizer": config.get("optimizer"), "learning_rate": config.get("learning_rate"),
                      "seconds": metrics.get("train_seconds"), "backend": config.get("backend"),
                      "precision": config.get("precision_used"), "machine": config.get("machine") or {},
-                     "history": read_history(run.path),
+                     "history": read_history(run.path), "earlier_stages": list(stages),
+                     "init_weights": config.get("init_weights") or None,
                      "train_images": len(split.get("train") or []), "val_images": len(split.get("val") or [])},
         "held_out": {"split": metrics.get("split", "test"), "images": metrics.get("images", len(test_names)),
                      "source": config.get("test_data") if from_test_data else
@@ -268,6 +306,15 @@ def card_record(name, run, metrics, model, licences, retrain, lite_report, folde
                    "kerasnuc_version": __version__, "keras_version": config.get("keras_version")},
     }
     return card
+
+
+def _stage_total(training, seconds):
+    earlier = training.get("earlier_stages") or []
+    if not earlier or not isinstance(seconds, (int, float)):
+        return ""
+    total = seconds + sum(stage["seconds"] or 0.0 for stage in earlier)
+    epochs = (training["epochs_run"] or 0) + sum(stage["epochs_run"] or 0 for stage in earlier)
+    return f" in the last stage; all {len(earlier) + 1} stages: {total:.0f} s ({total / 3600:.2f} h), {epochs} epochs"
 
 
 def _figure(value):
@@ -304,11 +351,14 @@ def card_markdown(card):
     lines += ["", f"**What this means for the model:** {card['licence']['summary']}", "",
               "## Training", "",
               f"- retrain: `{training['retrain']}`",
+              *[f"- stage {number}: `{stage['config']}`, {stage['epochs_run']} epochs, "
+                f"{_figure(stage['seconds'])} s; the last stage starts from its weights"
+                for number, stage in enumerate(training.get("earlier_stages") or [], 1)],
               f"- {training['train_images']} training and {training['val_images']} validation images; "
               f"{training['epochs_run']} epochs run (of {training['epochs']}), batch {training['batch_size']}, "
               f"loss {training['loss']}, {training['optimizer']} at learning rate {training['learning_rate']}",
               "- time: " + (f"{seconds:.0f} s ({seconds / 3600:.2f} h)" if isinstance(seconds, (int, float))
-                            else "not recorded by the run"),
+                            else "not recorded by the run") + _stage_total(training, seconds),
               f"- machine: {machine.get('cpus')} CPU cores, accelerator {machine.get('accelerator') or 'none'}, "
               f"Keras backend {training['backend']}, precision {training['precision']}; {machine.get('platform')}"]
     if training["history"]:

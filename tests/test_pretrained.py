@@ -255,6 +255,26 @@ def test_refuses_a_config_the_run_was_not_trained_from(packed, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_run_continuing_another_gets_every_stage_in_its_retraining_command(packed, tmp_path):
+    """A run whose init_weights is a run folder is retrained by the config that trained that
+    folder (its "out"), then its own; a folder no recipe trains cannot be packed."""
+    from export.pretrained import PackError, retrain_command, stage_records
+
+    base = {**TINY, "out": packed["run"]}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    second = {**TINY, "init_weights": packed["run"], "learning_rate": 1e-4}
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    run_config = {**json.load(open(os.path.join(packed["run"], "config.json"))), **second}
+    assert retrain_command(str(tmp_path / "second.json"), run_config) == \
+        f"python -m training.fit --config {tmp_path / 'base.json'} && " \
+        f"python -m training.fit --config {tmp_path / 'second.json'}"
+    [stage] = stage_records(str(tmp_path / "second.json"), run_config)
+    assert stage["epochs_run"] == 1 and stage["seconds"] > 0
+    (tmp_path / "base.json").unlink()
+    with pytest.raises(PackError, match="no config file in .* trains"):
+        retrain_command(str(tmp_path / "second.json"), run_config)
+
+
 # ------------------------------------------------------------------ the models shipped in the package
 
 
@@ -296,8 +316,12 @@ def test_shipped_card_states_licence_retraining_and_scores(name):
     assert [item["licence"] for item in card["data"]["licences"]] == \
         [item["licence"] for item in licences.licences_of(config)]
     assert all(item["licence"] in text for item in card["data"]["licences"])
-    assert card["training"]["retrain"] == f"python -m training.fit --config configs/pretrained/{name}.json"
-    assert os.path.isfile(os.path.join(REPO, "configs", "pretrained", f"{name}.json"))
+    commands = card["training"]["retrain"].split(" && ")
+    assert commands[-1] == f"python -m training.fit --config configs/pretrained/{name}.json"
+    for command in commands:  # every stage's recipe is in the repository
+        assert command.startswith("python -m training.fit --config configs/pretrained/")
+        assert os.path.isfile(os.path.join(REPO, command.split("--config ")[1]))
+    assert len(card["training"].get("earlier_stages") or []) == len(commands) - 1
     block = metrics[card["held_out"]["block"]]
     assert card["held_out"]["scores"] and all(block[k] == v for k, v in card["held_out"]["scores"].items())
     assert os.path.getsize(os.path.join(folder, "model.keras")) <= 8 * 10 ** 6

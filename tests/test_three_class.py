@@ -92,13 +92,23 @@ def test_fit_three_class_with_extra_training_images(tmp_path):
     np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-3)  # a softmax
 
 
-@pytest.mark.parametrize("name", ["fluo", "he", "crc-detect", "crc-classify"])
+RECIPES = sorted(name[:-len(".json")] for name in os.listdir(os.path.join(ROOT, "configs", "pretrained")))
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_pretrained_recipes_are_valid_configs(name):
-    """The retraining recipes that the model cards quote resolve and validate as written."""
+    """The retraining recipes that the model cards quote resolve and validate as written; a recipe
+    continuing another stage starts from the run folder another recipe writes ("out")."""
     from training.config import load_config_file, resolve
 
     path = os.path.join(ROOT, "configs", "pretrained", f"{name}.json")
-    config = resolve(load_config_file(path))
+    values = load_config_file(path)
+    source = values.pop("init_weights", "")
+    if source:
+        outs = [load_config_file(os.path.join(ROOT, "configs", "pretrained", f"{other}.json")).get("out")
+                for other in RECIPES if other != name]
+        assert source in outs, f"{name}: init_weights {source} is no other recipe's out"
+    config = resolve(values)
     assert config.time_budget > 0 and config.data
     if name in ("fluo", "he"):
         assert config.target == "three_class" and config.model_config["out_channels"] == 3
