@@ -15,3 +15,12 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pytest_runtest_logreport(report):
+    """With KERASNUC_TEST_TIMES=FILE, append each test phase's seconds to FILE as it ends (the
+    suite's duration budget is found while it runs, not only at the end as --durations does)."""
+    path = os.environ.get("KERASNUC_TEST_TIMES")
+    if path and report.duration >= 0.5:
+        with open(path, "a") as handle:
+            handle.write(f"{report.duration:.1f}\t{report.when}\t{report.nodeid}\n")

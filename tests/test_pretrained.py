@@ -344,7 +344,7 @@ def test_cli_by_name_writes_its_outputs(command, tmp_path):
         assert geojson["features"] and all("classification" in f["properties"] for f in geojson["features"])
 
 
-def test_cli_says_in_one_line_that_a_detector_draws_no_outlines(tmp_path):
+def test_cli_refuses_a_label_image_from_a_detector_in_one_line(tmp_path):
     from kerasnuc import models
     from kerasnuc.predict.__main__ import main
     from kerasnuc.runs import write_run
@@ -353,6 +353,46 @@ def test_cli_says_in_one_line_that_a_detector_draws_no_outlines(tmp_path):
     run = write_run(str(tmp_path / "det"), models.build("udnet", input_shape=(None, None, 3), **config),
                     task="detection", model_name="udnet", model_config=config)
     with pytest.raises(SystemExit) as stop:
-        main([run, FLUO_IMAGE, "--out", str(tmp_path / "out")])
-    assert "needs a segmentation model; this is a detection model" in str(stop.value.code)
+        main([run, FLUO_IMAGE, "--out", str(tmp_path / "out"), "--format", "labels,csv"])
+    assert "is a detection model: it finds nucleus centres, not outlines" in str(stop.value.code)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_writes_a_detectors_classified_centres(tmp_path):
+    """crc-detect + crc-classify from the command line: Point detections with classes in the
+    GeoJSON, the same centres in the CSV, dots on the overlay, no label image."""
+    import csv
+
+    import kerasnuc
+    from kerasnuc.predict.__main__ import main
+
+    shipped("crc-detect"), shipped("crc-classify")
+    out = tmp_path / "out"
+    assert main(["crc-detect", HE_IMAGE, "--out", str(out), "--classifier", "crc-classify"]) == 0
+    assert sorted(os.listdir(out)) == ["472b1c5f_crop.geojson", "472b1c5f_crop_nuclei.csv",
+                                       "472b1c5f_crop_overlay.png"]
+    features = json.load(open(out / "472b1c5f_crop.geojson"))["features"]
+    rows = list(csv.DictReader(open(out / "472b1c5f_crop_nuclei.csv")))
+    assert len(features) == len(rows) >= 5
+    assert {f["geometry"]["type"] for f in features} == {"Point"}
+    names = set(kerasnuc.load("crc-classify").meta["class_names"])
+    assert {f["properties"]["classification"]["name"] for f in features} <= names
+    assert {row["class"] for row in rows} <= names and list(rows[0])[:4] == ["id", "centroid_x", "centroid_y", "score"]
+    points = kerasnuc.load("crc-detect").predict_points(_read_rgb(HE_IMAGE))
+    np.testing.assert_allclose(sorted(float(r["centroid_x"]) - 0.5 for r in rows), sorted(points[:, 0]), atol=1e-3)
+
+
+def test_detector_blocks_find_each_centre_once():
+    """A detection model run in 128 px blocks finds the centres one block finds: none lost or
+    doubled at the seams."""
+    import kerasnuc
+
+    shipped("crc-detect")
+    image = _read_rgb(HE_IMAGE)
+    whole = kerasnuc.load("crc-detect").predict_points(image)
+    blocked = kerasnuc.load("crc-detect", block=128).predict_points(image)
+    assert len(whole) >= 5 and abs(len(blocked) - len(whole)) <= 1
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(whole).query(blocked)
+    assert np.mean(distance < 1.0) >= 0.97

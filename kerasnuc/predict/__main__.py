@@ -11,7 +11,9 @@ level nearest the model's pixel size (``--mpp`` overrides), glass is skipped, an
 are reported in level-0 pixels. Per image ``<stem>`` it writes
 ``<stem>_labels.tif`` (uint32 instance labels; ``--labels-ext png`` for 16-bit PNG),
 ``<stem>.geojson`` (QuPath detections with measurements), ``<stem>_nuclei.csv`` and
-``<stem>_overlay.png``. Files are written atomically; outputs that already exist are skipped
+``<stem>_overlay.png``; a detection model (e.g. crc-detect) finds centres, not outlines: its
+nuclei are Point detections in the GeoJSON, rows of id, centroid, score (and class) in the CSV,
+dots on the overlay, and there is no label image. Files are written atomically; outputs that already exist are skipped
 unless ``--overwrite``. A bad input (unreadable, truncated, over ``--max-pixels``) stops the
 run with one error naming it and exit code 1 (the finished images' files are whole, the
 unfinished ones removed); with ``--skip-bad`` it is skipped and listed (file and reason) in
@@ -68,7 +70,12 @@ class Outputs:
             if "geojson" in targets:
                 names = (predictor.classifier.meta.get("class_names") if predictor.classifier else None)
                 self.writers["geojson"] = writers.GeoJSONWriter(targets["geojson"], level0_mpp, names)
-            if "csv" in targets:
+            if "csv" in targets and predictor.task == "detection":
+                from kerasnuc.predict.engine import empty_point_table
+
+                columns = list(empty_point_table(predictor.classifier is not None))
+                self.writers["csv"] = writers.CSVWriter(targets["csv"], columns, level0_mpp)
+            elif "csv" in targets:
                 columns = list(empty_table(view.shape[2], predictor.classifier is not None, predictor.stochastic))
                 self.writers["csv"] = writers.CSVWriter(targets["csv"], columns, level0_mpp)
             if "overlay" in targets:
@@ -98,15 +105,16 @@ class Outputs:
 
 
 def main(argv=None):
-    from kerasnuc.predict.writers import FORMATS
+    from kerasnuc.predict.writers import FORMATS, POINT_FORMATS
 
     parser = argparse.ArgumentParser(prog="python -m kerasnuc.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run folder, .tflite file, host:port of TF-Serving or pretrained name")
     parser.add_argument("inputs", nargs="+", help="image or slide files, or folders of them")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--format", default=",".join(FORMATS),
-                        help=f"comma-separated, any of {', '.join(FORMATS)} (default: all)")
+    parser.add_argument("--format",
+                        help=f"comma-separated, any of {', '.join(FORMATS)} (default: all; a detection model, "
+                             f"which finds centres, not outlines: {', '.join(POINT_FORMATS)})")
     parser.add_argument("--model-name", help="model name on a TF-Serving target")
     parser.add_argument("--classifier", help="classification model (run folder, .tflite or pretrained name, e.g. crc-classify) "
                              "for every nucleus")
@@ -139,7 +147,7 @@ def main(argv=None):
     validation.add_arguments(parser, labels=False, skip_bad=True)
     args = parser.parse_args(argv)
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = [f.strip() for f in (args.format or ",".join(FORMATS)).split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         parser.error(f"unknown --format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
@@ -157,9 +165,15 @@ def main(argv=None):
         predictor = load(args.model, model_name=args.model_name, classifier=args.classifier, block=args.block,
                          block_overlap=args.block_overlap, tta=args.tta,
                          multiple_inference=args.multiple_inference)
-        predictor.require_segmentation()  # outlines need a segmentation model (e.g. not crc-detect)
+        predictor.require_nuclei()  # a classifier alone finds none
     except (OSError, ValueError) as error:
         sys.exit(f"kerasnuc.predict: {error}")
+    if predictor.task == "detection":  # centres (e.g. crc-detect): points in GeoJSON, CSV and overlay
+        if args.format is None:
+            formats = list(POINT_FORMATS)
+        elif "labels" in formats:
+            sys.exit(f"kerasnuc.predict: {args.model} is a detection model: it finds nucleus centres, not "
+                     f"outlines, so it writes no label image; use --format {','.join(POINT_FORMATS)}")
     model_mpp = predictor.meta.get("mpp")
     paths = expand_inputs(args.inputs)
     if not paths:

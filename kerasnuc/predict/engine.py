@@ -292,8 +292,31 @@ class Predictor:
             from kerasnuc.predict.postprocess import instance_centroids
 
             return instance_centroids(self.predict_instances(image, tile, margin, samples)[0])
+        if self.task == "detection":
+            table = self.predict_point_table(image, tile, margin, samples)
+            return np.stack([table["centroid_x"], table["centroid_y"]], axis=1).reshape(-1, 2) - 0.5
         maps, _ = self.predict_maps(image, tile, margin, samples)
         return points_from_maps(maps, self.task, self.meta.get("postprocess") or {})
+
+    def predict_point_table(self, image, tile=None, margin=None, samples=None, progress=None):
+        """The nucleus centres a detection model finds in an image of any size, block by block
+        (bounded memory, glass skipped on slides), as a table: id, centroid_x, centroid_y (level-0
+        pixels, counting pixel corners like :meth:`predict_instances`' table), score (the density
+        peak), and class / class_probability with an attached classifier."""
+        if self.task != "detection":
+            raise ValueError(f"predict_point_table needs a detection model; this is a {self.task} model")
+        from kerasnuc.predict.measure import concat_tables
+
+        view = as_view(image)
+        tables = []
+        for result in self.stream([view], tile, margin, samples):
+            if result.error is not None:
+                raise result.error
+            if result.table is not None and len(result.table["id"]):
+                tables.append(result.table)
+            if progress is not None:
+                progress(result.done, result.total)
+        return concat_tables(tables) if tables else empty_point_table(self.classifier is not None)
 
     def predict_instances(self, image, tile=None, margin=None, samples=None, labels_out=None, progress=None,
                           multiple_inference=None):
@@ -344,7 +367,7 @@ class Predictor:
         in its thumbnail are skipped. Ids are global within a view. ``outlines``: also each
         nucleus's polygon (``result.rings``, for GeoJSON).
         """
-        self.require_segmentation()
+        self.require_nuclei()
         next_id = {}
         for item in prefetch(self._network_stage(views, tile, margin, samples, skip_glass), depth):
             if item.error is not None or item.maps is None:
@@ -365,6 +388,12 @@ class Predictor:
         if self.task not in ("segmentation", "instance"):
             raise ValueError(f"predict_instances needs a segmentation model; this is a {self.task} model "
                              "(use predict_points)")
+
+    def require_nuclei(self):
+        """Raise unless this model finds nuclei: outlined (segmentation, instance) or as centres (detection)."""
+        if self.task not in ("segmentation", "instance", "detection"):
+            raise ValueError(f"a {self.task} model finds no nuclei itself: it classifies given ones "
+                             "(attach it to a segmentation or detection model as classifier=...)")
 
     def _network_stage(self, views, tile, margin, samples, skip_glass):
         for index, source in enumerate(views):
@@ -480,8 +509,36 @@ class Predictor:
         return other
 
     def _post_stage(self, item, first_id, outlines=False):
-        """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``."""
+        """Instances of one block's maps, kept by the responsibility rule, measured, ids from ``first_id``
+        (a detection model's centres: :meth:`block_points`)."""
+        if self.task == "detection":
+            return self.block_points(item, first_id)
         return number_block(self.block_instances(item, outlines), first_id)
+
+    def block_points(self, item, first_id):
+        """The nucleus centres of a predicted block that lie in its core (each centre is kept by
+        exactly one block), as a point table with ids from ``first_id``, classified with an
+        attached classifier; ``labels`` and ``rings`` stay None."""
+        top, _, left, _ = item.box
+        r0, r1, c0, c1 = item.core
+        density = item.maps[..., 0] if item.maps.shape[-1] == 1 else item.maps.max(axis=-1)
+        points = points_from_maps(item.maps, "detection", self.meta.get("postprocess") or {}).reshape(-1, 2)
+        x, y = points[:, 0] + left, points[:, 1] + top  # view pixel centres
+        inside = (y >= r0 - 0.5) & (y < r1 - 0.5) & (x >= c0 - 0.5) & (x < c1 - 0.5)
+        points, x, y = points[inside], x[inside], y[inside]
+        rows = np.clip(np.rint(points[:, 1]).astype(int), 0, density.shape[0] - 1)
+        cols = np.clip(np.rint(points[:, 0]).astype(int), 0, density.shape[1] - 1)
+        table = empty_point_table(False)
+        table.update(id=np.arange(first_id, first_id + len(x), dtype=np.uint32), centroid_x=x + 0.5,
+                     centroid_y=y + 0.5, score=density[rows, cols].astype(np.float64))
+        if self.classifier is not None and len(x):
+            _add_classes(table, self.classifier, item.crop, (top, left), item.classifier_range)
+        elif self.classifier is not None:
+            table.update(empty_point_table(True))
+        item.table = _to_level0(table, item.view.downsample)
+        item.labels = item.rings = None
+        item.maps = item.variance = item.view_outputs = None
+        return item
 
     def block_instances(self, item, outlines=False):
         """The nuclei a predicted block keeps (responsibility rule), measured and classified,
@@ -653,8 +710,20 @@ def _to_level0(table, downsample):
     if downsample == 1.0:
         return table
     for name in ("centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "perimeter"):
-        table[name] = table[name] * downsample
-    table["area"] = table["area"] * downsample ** 2
+        if name in table:  # a detection model's point table has centroids only
+            table[name] = table[name] * downsample
+    if "area" in table:
+        table["area"] = table["area"] * downsample ** 2
+    return table
+
+
+def empty_point_table(classes=False):
+    """The columns of a detection model's nucleus table (:meth:`Predictor.predict_point_table`)."""
+    table = {"id": np.zeros(0, np.uint32), "centroid_x": np.zeros(0), "centroid_y": np.zeros(0),
+             "score": np.zeros(0)}
+    if classes:
+        table["class"] = np.zeros(0, object)
+        table["class_probability"] = np.zeros(0)
     return table
 
 

@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 
 FORMATS = ("labels", "geojson", "csv", "overlay")
+POINT_FORMATS = ("geojson", "csv", "overlay")  # a detection model's centres have no label image
 
 # QuPath-like class colours, cycled
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (255, 200, 0), (160, 0, 160), (0, 200, 200), (128, 128, 128)]
@@ -83,7 +84,10 @@ def measurement_columns(table):
 def geojson_features(labels, table, offset=(0, 0), downsample=1.0, mpp=None, class_names=None, rings=None):
     """QuPath detections (dicts) of the nuclei of ``table`` outlined in ``labels`` (or given as
     ``rings``, {id: ring}), whose pixel (0, 0) is view pixel ``offset`` (top, left); rings in
-    level-0 pixels (x ``downsample``)."""
+    level-0 pixels (x ``downsample``). A table of centres only (a detection model's, no label
+    image) gives Point detections (:func:`point_features`)."""
+    if labels is None and rings is None:
+        return point_features(table, class_names)
     rings = polygons(labels, table["id"]) if rings is None else rings
     names = list(class_names or sorted(set(table.get("class", []))))
     shift = np.asarray([offset[1], offset[0]], np.float64)
@@ -104,6 +108,25 @@ def geojson_features(labels, table, offset=(0, 0), downsample=1.0, mpp=None, cla
             properties["classification"] = {"name": name, "color": list(colour)}
         features.append({"type": "Feature", "id": str(uuid.uuid4()),
                          "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": properties})
+    return features
+
+
+def point_features(table, class_names=None):
+    """QuPath detections with Point geometries at a point table's centres (level-0 pixels,
+    already counting pixel corners as QuPath does), with score and class as measurements."""
+    names = list(class_names or sorted(set(table.get("class", []))))
+    features = []
+    for row in range(len(table["id"])):
+        point = [round(float(table["centroid_x"][row]), 2), round(float(table["centroid_y"][row]), 2)]
+        measurements = {name: float(table[name][row]) for name in measurement_columns(table)
+                        if name not in ("centroid_x", "centroid_y")}
+        properties = {"objectType": "detection", "measurements": measurements}
+        if "class" in table:
+            name = str(table["class"][row])
+            colour = COLOURS[names.index(name) % len(COLOURS)] if name in names else COLOURS[-1]
+            properties["classification"] = {"name": name, "color": list(colour)}
+        features.append({"type": "Feature", "id": str(uuid.uuid4()),
+                         "geometry": {"type": "Point", "coordinates": point}, "properties": properties})
     return features
 
 
@@ -157,17 +180,19 @@ class CSVWriter(_Streamed):
         self.columns, self.mpp = list(columns), mpp
         self.handle = open(self.tmp, "w", newline="")
         self.writer = csv.writer(self.handle)
-        extra = ["area_um2", "perimeter_um", "centroid_x_um", "centroid_y_um"] if mpp else []
-        self.writer.writerow(self.columns + extra)
+        self.sizes = "area" in self.columns  # a point table has centres only
+        extra = (["area_um2", "perimeter_um"] if self.sizes else []) + ["centroid_x_um", "centroid_y_um"]
+        self.writer.writerow(self.columns + (extra if mpp else []))
 
     def add(self, table):
         mpp = self.mpp
         for row in range(len(table["id"])):
             values = [table[name][row] for name in self.columns]
             values = [f"{v:.4f}" if isinstance(v, (float, np.floating)) else v for v in values]
+            if mpp and self.sizes:
+                values += [f"{table['area'][row] * mpp ** 2:.4f}", f"{table['perimeter'][row] * mpp:.4f}"]
             if mpp:
-                values += [f"{table['area'][row] * mpp ** 2:.4f}", f"{table['perimeter'][row] * mpp:.4f}",
-                           f"{table['centroid_x'][row] * mpp:.4f}", f"{table['centroid_y'][row] * mpp:.4f}"]
+                values += [f"{table['centroid_x'][row] * mpp:.4f}", f"{table['centroid_y'][row] * mpp:.4f}"]
             self.writer.writerow(values)
 
     def close(self):
@@ -327,17 +352,21 @@ def write_pyramid(path, array, mpp=None, tile=256, min_side=1024, scratch=None):
 
 class OverlayWriter:
     """The image with nucleus outlines (magenta), downscaled to at most ``max_side`` pixels a side,
-    drawn block by block over an overview of the view."""
+    drawn block by block over an overview of the view; a detection model's centres as dots."""
 
     def __init__(self, path, view, max_side=4096):
         self.path = path
         height, width = view.shape[:2]
         self.step = max(1, int(np.ceil(max(height, width) / max_side)))
+        self.downsample = float(getattr(view, "downsample", 1.0) or 1.0)
         self.canvas = overview(view, -(-height // self.step), -(-width // self.step))
 
     def add(self, result):
         from skimage.segmentation import find_boundaries
 
+        if result.labels is None and result.table is not None and "bbox_x0" not in result.table:
+            self._add_points(result.table)
+            return
         if result.labels is None or not result.labels.any():
             return
         top, bottom, left, right = result.box
@@ -348,6 +377,15 @@ class OverlayWriter:
         edges = find_boundaries(sampled, mode="inner")
         rows, cols = np.nonzero(edges)
         self.canvas[rows + (top + r_first) // step, cols + (left + c_first) // step] = (255, 0, 255)
+
+    def _add_points(self, table):
+        """Dots (radius 2 px of the overlay) at the table's level-0 centres."""
+        import cv2
+
+        scale = self.downsample * self.step
+        for x, y in zip(table["centroid_x"], table["centroid_y"]):
+            centre = (int(round(x / scale - 0.5)), int(round(y / scale - 0.5)))
+            cv2.circle(self.canvas, centre, 2, (255, 0, 255), thickness=-1)
 
     def close(self):
         import cv2
