@@ -222,6 +222,10 @@ def export_saved_model(run_dir, base, version=None, name=None, mc_samples=None, 
     if meta["stochastic"] and meta["mc_samples"] < 2:
         raise ExportError(f"mc_samples must be at least 2 for an uncertainty signature, got {meta['mc_samples']}")
     meta["model_name"] = name
+    from kerasnuc.models.memory import working_bytes_per_pixel
+
+    # what one input pixel costs a network pass: the server's memory budgets (serving/server.py)
+    meta["working_bytes_per_pixel"] = working_bytes_per_pixel(model)
     signatures = ["serving_default", "with_range", "metadata"]
     if meta["stochastic"]:
         signatures[2:2] = ["uncertainty", "uncertainty_with_range"]

@@ -36,9 +36,14 @@ base runs the official image).
   "server busy" (retry later). A request whose client has gone (cancelled, deadline passed)
   while it waited is dropped without running the model, and a chunked batch stops between
   calls.
-* Memory comes back after load: a request's working memory is about pixels x the model's
-  activation width (bench/results/server_load.md measures it for the tiny bench U-Net), and
-  the budgets above bound how much of it is live. Freed memory is handed back to the OS:
+* Memory is bounded by what the model needs, not by pixels alone: a request's working memory
+  is about pixels x the model's activation width, so an export records its working bytes per
+  pixel (3 x its widest layer output, :mod:`kerasnuc.models.memory`; bench/results/server_load.md
+  measured 2.2 x for the tiny bench U-Net). ``--max-request-mb`` refuses a request estimated
+  above it (INVALID_ARGUMENT: send tiles) and ``--max-inflight-mb`` bounds all admitted ones
+  (RESOURCE_EXHAUSTED, retry later), beside the pixel budgets; a foreign SavedModel has no
+  estimate and only the pixel budgets hold.
+* Memory comes back after load: the budgets above bound how much of it is live. Freed memory is handed back to the OS:
   glibc allocations from ``--malloc-mmap-kb`` (1 MiB) are mmapped, and after requests the
   server collects garbage and calls malloc_trim when idle (at least every 10 s under load).
   oneDNN is off by default (``TF_ENABLE_ONEDNN_OPTS=0`` before TensorFlow loads): its kernels
@@ -69,6 +74,7 @@ from kerasnuc import allocator  # noqa: E402
 
 DEFAULT_SIGNATURE = "serving_default"
 MPIX = 1_000_000
+MB = 2 ** 20
 MAP_FN_PARALLEL = 10  # tf.map_fn's parallel_iterations inside a graph (export.saved_model's MC passes)
 MAX_BACKOFF_SECONDS = 60.0
 WAIT_STEP_SECONDS = 0.05  # how often a queued request checks that its client is still there
@@ -93,6 +99,13 @@ class LoadedModel:
     def multiple(self):
         """The graph pads height and width to this multiple: the pixels the network really sees."""
         return max(1, int(self.meta.get("multiple") or 1))
+
+    @property
+    def bytes_per_pixel(self):
+        """Working memory of one pass per input pixel (export metadata: pixels x the model's widest
+        activation, :mod:`kerasnuc.models.memory`); None for a foreign SavedModel."""
+        value = self.meta.get("working_bytes_per_pixel")
+        return float(value) if value else None
 
     def passes(self, signature):
         """Network passes of ``signature`` that may be live at once: Monte-Carlo ``uncertainty*``
@@ -299,11 +312,12 @@ class Gate:
     more wait; the pixels of all admitted requests stay within ``max_pixels``. A request
     beyond either is refused at once (RESOURCE_EXHAUSTED), so load never piles up."""
 
-    def __init__(self, max_inflight, max_queue, max_pixels):
-        if max_inflight < 1 or max_queue < 0 or max_pixels <= 0:
-            raise ValueError("max_inflight must be >= 1, max_queue >= 0, the in-flight pixel budget > 0")
+    def __init__(self, max_inflight, max_queue, max_pixels, max_bytes=None):
+        if max_inflight < 1 or max_queue < 0 or max_pixels <= 0 or (max_bytes is not None and max_bytes <= 0):
+            raise ValueError("max_inflight must be >= 1, max_queue >= 0, the in-flight pixel and memory budgets > 0")
         self.max_inflight, self.max_queue, self.max_pixels = max_inflight, max_queue, max_pixels
-        self.running = self.waiting = self.pixels = 0
+        self.max_bytes = max_bytes
+        self.running = self.waiting = self.pixels = self.bytes = 0
         self.dirty = False  # requests came since memory was last handed back
         self._cond = threading.Condition()
 
@@ -311,7 +325,7 @@ class Gate:
     def idle(self):
         return self.running == self.waiting == 0
 
-    def _admit(self, cost):
+    def _admit(self, cost, memory=0):
         with self._cond:
             if self.running + self.waiting >= self.max_inflight + self.max_queue:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -321,8 +335,14 @@ class Gate:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"{BUSY_PREFIX}: {self.pixels / MPIX:.2f} Mpix in flight, this request needs "
                              f"{cost / MPIX:.2f} more (--max-inflight-mpix {self.max_pixels / MPIX:g}); retry later")
+            if self.max_bytes is not None and self.bytes + memory > self.max_bytes:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{BUSY_PREFIX}: about {self.bytes / MB:.0f} MB of working memory in flight, this "
+                             f"request needs {memory / MB:.0f} MB more (--max-inflight-mb {self.max_bytes / MB:g}); "
+                             "retry later")
             self.waiting += 1
             self.pixels += cost
+            self.bytes += memory
 
     def _wait_turn(self, active):
         """Wait for a running slot; False (and no slot) if ``active()`` turns False meanwhile."""
@@ -336,24 +356,26 @@ class Gate:
             self.running += 1
             return True
 
-    def _release(self, cost, ran):
+    def _release(self, cost, ran, memory=0):
         with self._cond:
             self.pixels -= cost
+            self.bytes -= memory
             self.dirty = True
             if ran:
                 self.running -= 1
             self._cond.notify_all()
 
     @contextmanager
-    def slot(self, cost, active=lambda: True):
-        """Admit a request of ``cost`` pixels and wait for its turn; yields whether it got one."""
-        self._admit(cost)
+    def slot(self, cost, active=lambda: True, memory=0):
+        """Admit a request of ``cost`` pixels and ``memory`` bytes of estimated working memory and
+        wait for its turn; yields whether it got one."""
+        self._admit(cost, memory)
         ran = False
         try:
             ran = self._wait_turn(active)
             yield ran
         finally:
-            self._release(cost, ran)
+            self._release(cost, ran, memory)
 
 
 def tune_malloc(mmap_threshold_kb):
@@ -489,9 +511,11 @@ def call_plan(model, signature, shapes, chunk_pixels):
     return None, batch * per_image
 
 
-def _decode_inputs(request, model, signature, max_elements, max_pixels=None, chunk_pixels=MPIX // 2):
-    """(decode, pixel cost, images per call): the request checked against the signature and the
-    pixel budget of one model call (else INVALID_ARGUMENT) before any value is decoded;
+def _decode_inputs(request, model, signature, max_elements, max_pixels=None, chunk_pixels=MPIX // 2,
+                   max_bytes=None):
+    """(decode, pixel cost, images per call, working memory in bytes): the request checked against
+    the signature, the pixel budget of one model call and its memory budget (pixels x the
+    model's working bytes per pixel; else INVALID_ARGUMENT) before any value is decoded;
     ``decode()`` gives {key: ndarray} later, once the request has its turn."""
     import tensorflow as tf
 
@@ -518,6 +542,12 @@ def _decode_inputs(request, model, signature, max_elements, max_pixels=None, chu
                      f"request needs {cost / MPIX:.2f} Mpix in one model call (images x padded height x width "
                      f"x passes), over the {max_pixels / MPIX:g} Mpix per request (--max-request-mpix); "
                      f"send smaller images or tiles")
+    memory = int(cost * model.bytes_per_pixel) if model.bytes_per_pixel else 0
+    if max_bytes is not None and memory > max_bytes:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"request needs about {memory / MB:.0f} MB of working memory in one model call "
+                     f"({cost / MPIX:.2f} Mpix x {model.bytes_per_pixel:.0f} bytes per pixel for this model), "
+                     f"over the {max_bytes / MB:g} MB per request (--max-request-mb); send smaller images or tiles")
 
     def decode():
         arrays = {}
@@ -534,7 +564,7 @@ def _decode_inputs(request, model, signature, max_elements, max_pixels=None, chu
             arrays[key] = array
         return arrays
 
-    return decode, cost, size
+    return decode, cost, size, memory
 
 
 def _tf_error_code(error):
@@ -554,10 +584,12 @@ class PredictionService:
     ``chunks`` (model calls), ``cancelled`` (client gone before its turn or between chunks),
     and one entry per refusal code."""
 
-    def __init__(self, registry, max_elements, gate=None, max_request_pixels=None, chunk_pixels=MPIX // 2):
+    def __init__(self, registry, max_elements, gate=None, max_request_pixels=None, chunk_pixels=MPIX // 2,
+                 max_request_bytes=None):
         self.registry, self.max_elements = registry, max_elements
         self.gate = gate or Gate(8, 16, 64 * MPIX)
         self.max_request_pixels, self.chunk_pixels = max_request_pixels, chunk_pixels
+        self.max_request_bytes = max_request_bytes
         self.stats = Counter()
         self._stats_lock = threading.Lock()
 
@@ -565,12 +597,12 @@ class PredictionService:
         with self._stats_lock:
             self.stats[key] += 1
 
-    def _run(self, model, signature, decode, cost, size, context):
+    def _run(self, model, signature, decode, cost, size, context, memory=0):
         """Run the model in the gate's turn; None when the client went away first (before the
         model ran or between chunks of a batch)."""
         import tensorflow as tf
 
-        with self.gate.slot(cost, context.is_active) as turn:
+        with self.gate.slot(cost, context.is_active, memory) as turn:
             if not turn or not context.is_active():
                 self._count("cancelled")
                 return None
@@ -611,9 +643,10 @@ class PredictionService:
             if unknown:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                              f"output_filter names {unknown} not among the outputs {sorted(outputs)}")
-            decode, cost, size = _decode_inputs(request, model, signature, self.max_elements,
-                                                self.max_request_pixels, self.chunk_pixels)
-            result = self._run(model, signature, decode, cost, size, context)
+            decode, cost, size, memory = _decode_inputs(request, model, signature, self.max_elements,
+                                                        self.max_request_pixels, self.chunk_pixels,
+                                                        self.max_request_bytes)
+            result = self._run(model, signature, decode, cost, size, context, memory)
             if result is None:
                 context.abort(grpc.StatusCode.CANCELLED, "client went away before its turn; the model did not run")
             response = predict_pb2.PredictResponse()
@@ -682,11 +715,13 @@ SPARE_THREADS = 4  # handler threads beyond the admitted requests: metadata, sta
 
 def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=64, poll_seconds=2.0,
                   log=None, max_inflight=None, max_queue=None, max_request_mpix=4.0, max_inflight_mpix=16.0,
-                  chunk_mpix=0.5):
+                  chunk_mpix=0.5, max_request_mb=2048.0, max_inflight_mb=8192.0):
     """Start serving ``base``; returns (grpc server, bound port, registry). ``port`` 0 picks a free one.
 
     ``threads`` is the default of ``max_inflight`` (requests running the model at once);
-    ``max_queue`` (default 2 x max_inflight) more may wait. The PredictionService is
+    ``max_queue`` (default 2 x max_inflight) more may wait. ``max_request_mb`` and
+    ``max_inflight_mb`` bound the estimated working memory (pixels x the export's working bytes
+    per pixel) of one request and of all admitted ones. The PredictionService is
     ``server.predictions`` (its ``gate`` and ``stats``)."""
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -695,7 +730,9 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
     if max_inflight_mpix < max_request_mpix:
         raise ValueError(f"max_inflight_mpix ({max_inflight_mpix:g}) must be at least max_request_mpix "
                          f"({max_request_mpix:g})")
-    gate = Gate(max_inflight, max_queue, int(max_inflight_mpix * MPIX))
+    if max_inflight_mb < max_request_mb:
+        raise ValueError(f"max_inflight_mb ({max_inflight_mb:g}) must be at least max_request_mb ({max_request_mb:g})")
+    gate = Gate(max_inflight, max_queue, int(max_inflight_mpix * MPIX), int(max_inflight_mb * MB))
     registry = ModelRegistry(base, poll_seconds, log)  # started once the port is bound
     limit = int(max_message_mb * 2 ** 20)
     handlers = max_inflight + max_queue + SPARE_THREADS
@@ -704,7 +741,8 @@ def create_server(base, host="127.0.0.1", port=8500, threads=8, max_message_mb=6
                                   ("grpc.max_send_message_length", max(limit, 256 * 2 ** 20))],
                          maximum_concurrent_rpcs=handlers)  # beyond: RESOURCE_EXHAUSTED from gRPC itself
     service = PredictionService(registry, max_elements=limit, gate=gate,
-                                max_request_pixels=int(max_request_mpix * MPIX), chunk_pixels=int(chunk_mpix * MPIX))
+                                max_request_pixels=int(max_request_mpix * MPIX), chunk_pixels=int(chunk_mpix * MPIX),
+                                max_request_bytes=int(max_request_mb * MB))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry), server)
     try:
@@ -745,6 +783,11 @@ def main(argv=None):
                         help="largest request: batch x padded height x width x passes, Mpix (default 4)")
     parser.add_argument("--max-inflight-mpix", type=_positive(float), default=16.0, dest="max_inflight_mpix",
                         help="pixels of all admitted requests together, Mpix (default 16)")
+    parser.add_argument("--max-request-mb", type=_positive(float), default=2048.0, dest="max_request_mb",
+                        help="largest estimated working memory of one request: its pixels x the model's working "
+                             "bytes per pixel (export metadata: 3 x its widest activation), MiB (default 2048)")
+    parser.add_argument("--max-inflight-mb", type=_positive(float), default=8192.0, dest="max_inflight_mb",
+                        help="estimated working memory of all admitted requests together, MiB (default 8192)")
     parser.add_argument("--chunk-mpix", type=_positive(float), default=0.5, dest="chunk_mpix",
                         help="kerasnuc batches run in model calls of at most this many Mpix (default 0.5)")
     parser.add_argument("--max-message-mb", type=_positive(float), default=64, dest="max_message_mb",
@@ -760,6 +803,9 @@ def main(argv=None):
         sys.exit(f"serving.server: {args.base}: export base not found")
     if args.max_queue is not None and args.max_queue < 0:
         sys.exit(f"serving.server: --max-queue must be 0 or more, got {args.max_queue}")
+    if args.max_inflight_mb < args.max_request_mb:
+        sys.exit(f"serving.server: --max-inflight-mb {args.max_inflight_mb:g} is below --max-request-mb "
+                 f"{args.max_request_mb:g}; no request of the largest size could run")
     if args.max_inflight_mpix < args.max_request_mpix:
         sys.exit(f"serving.server: --max-inflight-mpix {args.max_inflight_mpix:g} is below "
                  f"--max-request-mpix {args.max_request_mpix:g}; no request of the largest size could run")
@@ -770,15 +816,19 @@ def main(argv=None):
         server, port, registry = create_server(args.base, args.host, args.port, args.threads,
                                                args.max_message_mb, args.poll, max_inflight=args.max_inflight,
                                                max_queue=args.max_queue, max_request_mpix=args.max_request_mpix,
-                                               max_inflight_mpix=args.max_inflight_mpix, chunk_mpix=args.chunk_mpix)
+                                               max_inflight_mpix=args.max_inflight_mpix, chunk_mpix=args.chunk_mpix,
+                                               max_request_mb=args.max_request_mb,
+                                               max_inflight_mb=args.max_inflight_mb)
     except OSError as error:
         sys.exit(f"serving.server: {error}")
     models = registry.models()
     gate = server.predictions.gate
     print(f"serving.server: listening on {args.host}:{port}; models: "
-          + (", ".join(f"{m.name} v{m.version}" for m in models.values()) or "none yet (polling)")
+          + (", ".join(f"{m.name} v{m.version}" + (f" ({m.bytes_per_pixel:.0f} B/px)" if m.bytes_per_pixel else "")
+                       for m in models.values()) or "none yet (polling)")
           + f"; {gate.max_inflight} running + {gate.max_queue} queued, {args.max_request_mpix:g} Mpix per "
-            f"request, {args.max_inflight_mpix:g} Mpix in flight; oneDNN "
+            f"request, {args.max_inflight_mpix:g} Mpix in flight, {args.max_request_mb:g} MB per request, "
+            f"{args.max_inflight_mb:g} MB in flight; oneDNN "
           + ("on" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0" else "off"), flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -141,6 +141,35 @@ def test_pixel_budgets(served):
         srv.create_server("unused", port=0, max_request_mpix=2, max_inflight_mpix=1)
 
 
+def test_memory_budgets_count_the_models_width(export):
+    """The export records its working bytes per pixel (3 x the tiny U-Net's widest activation, 8
+    floats = 32 bytes); requests are refused by estimated memory, not only by pixels."""
+    import json
+
+    meta = json.load(open(os.path.join(export["v1"], "assets.extra", "kerasnuc.json")))
+    assert meta["working_bytes_per_pixel"] == 96.0
+    server, port, registry = srv.create_server(export["base"], port=0, max_inflight=1, max_queue=1,
+                                               max_request_mb=1.0, max_inflight_mb=1.5, poll_seconds=30,
+                                               log=lambda m: None)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        fits = stub.Predict(_request(np.zeros((1, 96, 96, 3), np.uint8)), timeout=30)  # 0.84 MB
+        assert tf.make_ndarray(fits.outputs["maps"]).shape == (1, 96, 96, 1)
+        details = _refused(stub, _request(np.zeros((1, 112, 112, 3), np.uint8)))  # 1.15 MB
+        assert "working memory" in details and "96 bytes per pixel" in details and "--max-request-mb" in details
+        gate = server.predictions.gate
+        with gate.slot(0, memory=int(1.0 * srv.MB)):  # 1 of 1.5 MB in flight: 0.84 MB more is refused
+            details = _refused(stub, _request(np.zeros((1, 96, 96, 3), np.uint8)), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "--max-inflight-mb" in details and gate.bytes == 0
+    finally:
+        channel.close()
+        registry.stop()
+        server.stop(0)
+    with pytest.raises(ValueError, match="max_inflight_mb"):
+        srv.create_server("unused", port=0, max_request_mb=2, max_inflight_mb=1)
+
+
 def test_full_queue_is_resource_exhausted_at_once(served):
     stub, gate = served["stub"], served["gate"]
     image = np.zeros((1, 32, 32, 3), np.uint8)
